@@ -1,0 +1,1 @@
+"""mgmt package."""

@@ -1,0 +1,1 @@
+"""xlators cluster package."""
