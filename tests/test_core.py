@@ -4,7 +4,7 @@ import errno
 
 import pytest
 
-from mortar.core import FOPS, Gfid, InodeTable, Option, OptionError, ROOT_GFID, Translator
+from mortar.core import FOPS, ROOT_GFID, Gfid, InodeTable, Option, OptionError, Translator
 from mortar.core.errors import FopError
 from mortar.core.iatt import Iatt
 

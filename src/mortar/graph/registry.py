@@ -23,7 +23,9 @@ class UnknownTypeError(LookupError):
 def translator_class(type_name: str) -> type[Translator]:
     target = KNOWN_TYPES.get(type_name)
     if target is None:
-        raise UnknownTypeError(f"unknown translator type {type_name!r} (known: {', '.join(sorted(KNOWN_TYPES))})")
+        raise UnknownTypeError(
+            f"unknown translator type {type_name!r} (known: {', '.join(sorted(KNOWN_TYPES))})"
+        )
     module_name, class_name = target.split(":")
     cls = getattr(importlib.import_module(module_name), class_name)
     if not (isinstance(cls, type) and issubclass(cls, Translator)):
