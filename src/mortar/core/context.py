@@ -15,6 +15,9 @@ class CallContext:
     groups: tuple[int, ...] = ()
     pid: int = 0
     lk_owner: bytes = b""
+    #: the connection the call arrived on, set by protocol/server (never taken from the wire);
+    #: lock translators key their locks by it so a dead client's locks can be released
+    client: str = ""
 
     def to_tuple(self) -> tuple[object, ...]:
         return (self.uid, self.gid, list(self.groups), self.pid, self.lk_owner)

@@ -49,6 +49,11 @@ class Event(Enum):
     CHILD_DOWN = "child-down"  # travels up: a subvolume is gone
     GRAPH_SWITCH = "graph-switch"  # a new graph replaced this one
     UPCALL = "upcall"  # a brick tells clients something changed (invalidation, lock contention)
+    CLIENT_DISCONNECT = "client-disconnect"  # travels down on a brick: data is the client id whose
+    #                                          locks and open fds must be released
+
+
+_DOWNWARD = frozenset({Event.PARENT_UP, Event.PARENT_DOWN, Event.CLIENT_DISCONNECT})
 
 
 class Listener(Protocol):
@@ -114,8 +119,8 @@ class Translator:
         """Called once, parents before children; release resources."""
 
     def notify(self, event: Event, source: Any, data: Any = None) -> None:
-        """Default: PARENT_* events go down to children, everything else goes up to parents."""
-        if event in (Event.PARENT_UP, Event.PARENT_DOWN):
+        """Default: PARENT_* and CLIENT_DISCONNECT go down to children, everything else goes up."""
+        if event in _DOWNWARD:
             for child in self.children:
                 child.notify(event, self, data)
         else:
