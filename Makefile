@@ -1,0 +1,37 @@
+# mortar: `make run` starts mortar on the embedded single-node default; `make test` runs the suite.
+# Both do their own set-up on a fresh Debian 12 host (system packages via apt-get, Python into .venv).
+
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMPS := $(VENV)/.stamps
+PYTHON ?= python3
+
+.PHONY: setup run test bench lint clean
+
+setup: $(STAMPS)/system $(STAMPS)/python
+
+$(STAMPS)/system: scripts/setup-system.sh
+	bash scripts/setup-system.sh
+	@mkdir -p $(STAMPS) && touch $@
+
+$(STAMPS)/python: pyproject.toml $(STAMPS)/system
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@mkdir -p $(STAMPS) && touch $@
+
+run: setup
+	$(PY) scripts/run.py
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) bench/run.py
+
+lint: setup
+	$(VENV)/bin/ruff check src tests bench scripts
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf $(VENV) .mortar-home build src/*.egg-info
