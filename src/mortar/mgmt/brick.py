@@ -14,6 +14,8 @@ import signal
 import sys
 from pathlib import Path
 
+import uvloop
+
 from mortar.core.log import setup_logging
 from mortar.graph.builder import VolfileError, load
 
@@ -62,13 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.log_level, args.log_file)
     try:
-        import uvloop
-
-        runner = uvloop.run
-    except ImportError:  # pragma: no cover - uvloop is a hard dependency; this keeps odd platforms working
-        runner = asyncio.run
-    try:
-        return runner(serve(args))
+        return uvloop.run(serve(args))
     except VolfileError as exc:
         print(f"mortar-brick: {exc}", file=sys.stderr)
         return 2
