@@ -1,7 +1,7 @@
 """cluster/distribute (DHT): spreads the files of every directory over the subvolumes by name hash.
 
 Every directory exists on every subvolume and carries, on each, the hash range that subvolume owns
-(`trusted.glusterfs.dht`). A file lives on the subvolume whose range holds the hash of its name (its
+(`trusted.mortar.dht`). A file lives on the subvolume whose range holds the hash of its name (its
 hashed subvolume), or, after a rename or when that subvolume was full, on another one (its cached
 subvolume) with a link file on the hashed one pointing there. Nothing is central: each client
 reads layouts at lookup, heals them when they have holes or overlaps, and finds misplaced files by

@@ -14,12 +14,10 @@ from dataclasses import dataclass, field
 
 from mortar.xlators.cluster.dht_hash import DEFAULT_HASHER, NameHasher, dm_hash
 
-# GlusterFS's own names. (`trusted.mortar.dht` was the plan, but storage/posix keeps every
-# `trusted.mortar.*` xattr to itself and refuses to set them: EPERM.)
 #: per directory, per subvolume: 4 big-endian u32 [commit_hash, type, start, stop], stop inclusive
-LAYOUT_XATTR = "trusted.glusterfs.dht"
+LAYOUT_XATTR = "trusted.mortar.dht"
 #: on a link file: the name of the subvolume that holds the data (NUL-terminated, as GlusterFS writes it)
-LINKTO_XATTR = "trusted.glusterfs.dht.linkto"
+LINKTO_XATTR = "trusted.mortar.dht.linkto"
 
 HASH_TYPE_DM = 0  # ranges computed by DHT
 HASH_TYPE_USER = 1  # ranges set by an administrator
