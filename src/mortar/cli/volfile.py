@@ -5,7 +5,7 @@ from __future__ import annotations
 from mortar.cli.command import CliError, Context, Result, command, expect
 from mortar.core.options import OptionError
 from mortar.graph.builder import VolfileError, load
-from mortar.graph.registry import UnknownTypeError
+from mortar.graph.registry import KNOWN_TYPES, UnknownTypeError, translator_class
 
 
 @command(
@@ -44,3 +44,43 @@ def volfile_check(args: list[str], ctx: Context) -> Result:
         ],
     }
     return Result(f"{path}: OK, {len(graph.xlators)} translators\n" + "\n".join(lines), data)
+
+
+@command(
+    "volfile options",
+    "volfile options [TYPE]",
+    "list translator types, or the options one type accepts (type, default, range, description)",
+)
+def volfile_options(args: list[str], ctx: Context) -> Result:
+    if len(args) > 1:
+        raise CliError("usage: mortar volfile options [TYPE]", status=2)
+    types = args or sorted(KNOWN_TYPES)
+    data: dict[str, dict[str, dict[str, object]]] = {}
+    lines: list[str] = []
+    for type_name in types:
+        try:
+            cls = translator_class(type_name)
+        except UnknownTypeError as exc:
+            raise CliError(str(exc)) from None
+        data[type_name] = {}
+        lines.append(type_name)
+        for key, opt in sorted(cls.options.items()):
+            bounds = ""
+            if opt.choices:
+                bounds = " one of " + "|".join(opt.choices)
+            elif opt.min is not None or opt.max is not None:
+                low, high = ("" if v is None else f"{v:g}" for v in (opt.min, opt.max))
+                bounds = f" range {low}..{high}"
+            default = opt.format(opt.default) if opt.default not in ("", None) else "(none)"
+            lines.append(
+                f"    option {key} <{opt.type}>  default {default}{bounds}\n        {opt.description}"
+            )
+            data[type_name][key] = {
+                "type": opt.type,
+                "default": opt.default,
+                "min": opt.min,
+                "max": opt.max,
+                "choices": list(opt.choices),
+                "description": opt.description,
+            }
+    return Result("\n".join(lines), data)
