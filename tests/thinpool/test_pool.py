@@ -307,3 +307,13 @@ def test_concurrent_writers_and_snapshots(make_pool: MakePool) -> None:
         assert snap.read(0, 8 * MiB) == seen
         assert all(len(set(seen[k * MiB : (k + 1) * MiB])) == 1 for k in range(8))
     assert pool.check() == []
+
+
+def test_create_refuses_a_device_that_already_holds_a_pool(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    ThinPool.create(str(data), size=16 << 20).close()
+    meta = str(data) + ".meta"
+    os.rename(meta, str(tmp_path / "elsewhere.meta"))  # the superblock alone must stop a re-create
+    with pytest.raises(FopError) as exc:
+        ThinPool.create(str(data), size=16 << 20)
+    assert exc.value.errno == errno.EEXIST

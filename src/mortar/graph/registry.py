@@ -9,6 +9,7 @@ from mortar.core.translator import Translator
 # type name -> "module:Class"; a module is imported only when a volfile uses its type
 KNOWN_TYPES: dict[str, str] = {
     "storage/posix": "mortar.xlators.storage.posix:PosixTranslator",
+    "storage/bd": "mortar.xlators.storage.bd:BdTranslator",
     "protocol/client": "mortar.xlators.protocol.client:ClientTranslator",
     "protocol/server": "mortar.xlators.protocol.server:ServerTranslator",
     "performance/io-threads": "mortar.xlators.performance.io_threads:IoThreadsTranslator",

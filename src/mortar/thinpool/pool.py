@@ -149,8 +149,7 @@ class ThinPool:
                 raise FopError(errno.ENOSPC, f"{path} has {dev.size} bytes, fewer than {size}")
             start, nblocks = layout(size if size is not None else dev.size, block_size)
             if not force:
-                with contextlib.suppress(FopError):
-                    read_superblock(dev.fd)
+                if _holds_superblock(dev.fd):
                     raise FopError(errno.EEXIST, f"{path} already holds a thin pool (use force)")
                 if os.path.exists(meta):
                     raise FopError(errno.EEXIST, f"metadata {meta} exists (use force)")
@@ -638,3 +637,12 @@ class ThinPool:
 
     def __repr__(self) -> str:
         return f"ThinPool({self._dev.path!r}, uuid={self._sb.uuid})"
+
+
+def _holds_superblock(fd: int) -> bool:
+    """Whether a thin pool's superblock is already written at the start of the device."""
+    try:
+        read_superblock(fd)
+    except FopError:
+        return False
+    return True
