@@ -7,6 +7,7 @@ PACKAGES=(
   attr xfsprogs e2fsprogs util-linux iproute2 procps # bricks: xattrs, test file systems, loop devices, netns
   qemu-utils fio libnbd-bin                          # real clients the interop tests and benchmarks drive
   fuse3 libfuse3-dev                                 # the FUSE mount
+  lvm2                                               # the LVM2 backend of storage/bd
   etcd-server etcd-client                            # the configuration store of multi-node pools
 )
 
