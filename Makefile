@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMPS := $(VENV)/.stamps
 PYTHON ?= python3
 
-.PHONY: setup run test bench lint clean
+.PHONY: setup run stop test bench lint clean
 
 setup: $(STAMPS)/system $(STAMPS)/python
 
@@ -23,11 +23,20 @@ $(STAMPS)/python: pyproject.toml $(STAMPS)/system
 run: setup
 	$(PY) scripts/run.py
 
+stop:
+	$(PY) scripts/stop.py
+
 test: setup
 	$(PY) -m pytest -q
 
-bench: setup
-	$(PY) bench/run.py
+# the seed's full table, mortar beside GlusterFS 10 and the local disk (~35 min on 2 cores);
+# `make bench BENCH_ARGS=--quick` checks everything end to end in a few minutes (see bench/README.md)
+bench: setup $(STAMPS)/bench
+	$(PY) bench/run.py $(BENCH_ARGS)
+
+$(STAMPS)/bench: pyproject.toml $(STAMPS)/python
+	$(PY) -m pip install -q -e '.[bench]'
+	@mkdir -p $(STAMPS) && touch $@
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench scripts

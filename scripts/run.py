@@ -1,104 +1,102 @@
-"""`make run`: start mortar on the embedded single-node default and show it working.
+"""`make run`: start mortar on one node and show it working.
 
-Starts one `mortar-brick` process on a brick directory under $MORTAR_HOME (default `.mortar-home`
-in the repository), writes a file through the native client, reads it back, and leaves the brick
-running so you can use it. Running it again restarts the brick on the same directory.
+Starts `mortard` in the background with its state under $MORTAR_HOME (default `.mortar-home` in the
+repository), creates and starts a replica-3 volume `demo` on three local brick directories (with
+`force`: one host holds every copy), writes and reads a file through the native client
+(`Volume.connect`), and prints `volume info` and `volume status`. Running it again restarts the
+daemon and the bricks cleanly on the same state; `make stop` stops everything.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from stop import HOME, stop_all
+
+from mortar.cli.main import main as mortar
 from mortar.client import Volume
-from mortar.mgmt.volgen import Brick, VolumeDescription, brick_volfile, client_volfile
+from mortar.mgmt.model import MgmtError
+from mortar.mgmt.rest import call_sync
 
-HOME = Path(os.environ.get("MORTAR_HOME", Path(__file__).resolve().parent.parent / ".mortar-home"))
-VENV_BIN = Path(sys.executable).parent
-
-
-def stop_old_brick(pid_file: Path) -> None:
-    try:
-        pid = int(pid_file.read_text())
-        os.kill(pid, signal.SIGTERM)
-        for _ in range(50):
-            os.kill(pid, 0)
-            time.sleep(0.1)
-    except (FileNotFoundError, ValueError, ProcessLookupError):
-        pass
+PORT = int(os.environ.get("MORTAR_PORT", "24100"))
+REMOTE = f"127.0.0.1:{PORT}"
+VOLUME = "demo"
 
 
-def wait_for(path: Path, proc: subprocess.Popen[bytes], log: Path) -> str:
+def api(method: str, path: str, body: dict[str, object] | None = None) -> dict[str, object]:
+    return call_sync("127.0.0.1", PORT, method, path, body)
+
+
+def start_daemon() -> None:
+    workdir, logdir = HOME / "state", HOME / "log"
+    subprocess.run(
+        [
+            sys.executable, "-m", "mortar.mgmt.daemon",
+            "--workdir", str(workdir), "--logdir", str(logdir),
+            "--listen", "127.0.0.1", "--port", str(PORT),
+            "--pid-file", str(HOME / "mortard.pid"),
+        ],
+        check=True,
+    )  # fmt: skip
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if path.exists():
-            return path.read_text().strip()
-        if proc.poll() is not None:
-            sys.exit(f"the brick exited with status {proc.returncode}; see {log}")
-        time.sleep(0.05)
-    sys.exit(f"the brick did not start within 30 s; see {log}")
+    while True:
+        try:
+            if api("GET", "/v1/node")["store_ready"]:
+                return
+        except MgmtError as exc:
+            if time.monotonic() > deadline:
+                sys.exit(f"mortard did not answer within 30 s ({exc}); see {logdir / 'mortard.log'}")
+        time.sleep(0.1)
+
+
+def cli(*args: str) -> None:
+    status = mortar(["--remote-host", REMOTE, *args])
+    if status:
+        sys.exit(status)
 
 
 def main() -> None:
     HOME.mkdir(parents=True, exist_ok=True)
-    id_file = HOME / "volume-id"
-    if not id_file.exists():
-        id_file.write_text(str(uuid.uuid4()))
-    desc = VolumeDescription(
-        "demo", id_file.read_text().strip(), [Brick("127.0.0.1", str(HOME / "bricks/b0"))]
-    )
-    pid_file, port_file, log = HOME / "brick.pid", HOME / "brick.port", HOME / "brick.log"
-    stop_old_brick(pid_file)
-    port_file.unlink(missing_ok=True)
-    brick_vol = HOME / "demo.brick-0.vol"
-    brick_vol.write_text(brick_volfile(desc, 0, create=True))
-    proc = subprocess.Popen(
-        [
-            str(VENV_BIN / "mortar-brick"),
-            "--volfile",
-            str(brick_vol),
-            "--log-file",
-            str(log),
-            "--port-file",
-            str(port_file),
-            "--pid-file",
-            str(pid_file),
-        ],
-        start_new_session=True,
-    )
-    port = int(wait_for(port_file, proc, log))
-    desc.bricks[0] = Brick("127.0.0.1", desc.bricks[0].path, port)
-    client_vol = HOME / "demo.client.vol"
-    client_vol.write_text(client_volfile(desc))
-    print(f"brick {desc.bricks[0].path} serving on 127.0.0.1:{port} (pid {proc.pid}, log {log})")
+    stopped = stop_all(quiet=True)
+    if stopped:
+        print(f"stopped the previous run ({stopped})")
+    start_daemon()
+    volumes = {v["name"]: v for v in api("GET", "/v1/volumes")["volumes"]}  # type: ignore[union-attr]
+    if VOLUME not in volumes:
+        bricks = [f"127.0.0.1:{HOME / 'bricks' / f'b{i}'}" for i in range(3)]
+        cli("volume", "create", VOLUME, "replica", "3", *bricks, "force")
+    cli("volume", "start", VOLUME, "force")
 
     payload = os.urandom(8 << 20)
-    with Volume.from_volfile(client_vol) as vol:
+    with Volume.connect(f"mortar://{REMOTE}/{VOLUME}") as vol:
         vol.makedirs("/hello", exist_ok=True)
         with vol.open("/hello/world.bin", "wb") as f:
             f.write(payload)
         with vol.open("/hello/world.bin", "rb") as f:
             back = f.read()
-        st = vol.stat("/hello/world.bin")
-        print(
-            f"wrote and read back /hello/world.bin through the native client: {st.st_size} bytes, "
-            f"sha256 {hashlib.sha256(back).hexdigest()[:16]}... "
-            f"{'identical' if back == payload else 'DIFFERENT'}"
-        )
-        print("volume root:", sorted(vol.listdir("/")))
+    same = back == payload
+    print(
+        f"\nwrote and read back /hello/world.bin through the native client: {len(back)} bytes, "
+        f"sha256 {hashlib.sha256(back).hexdigest()[:16]}... {'identical' if same else 'DIFFERENT'}\n"
+    )
+    cli("volume", "info", VOLUME)
+    print()
+    cli("volume", "status", VOLUME)
+    mortar_bin = Path(sys.executable).parent / "mortar"
     print(f"""
-The brick keeps running. Use it from Python:
-    from mortar.client import Volume
-    vol = Volume.from_volfile("{client_vol}")
-Check a volfile:  {VENV_BIN / "mortar"} volfile check {client_vol}
-Stop the brick:   kill $(cat {pid_file})""")
-    if back != payload:
+mortard runs in the background (state {HOME / "state"}, logs {HOME / "log"}).
+  The CLI:      {mortar_bin} volume info      (also: volume status, volume set {VOLUME} group virt, help)
+  From Python:  from mortar.client import Volume
+                vol = Volume.connect("mortar://{REMOTE}/{VOLUME}")
+  Stop it all:  make stop""")
+    if not same:
         sys.exit(1)
 
 

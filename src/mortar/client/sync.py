@@ -150,6 +150,17 @@ class Volume:
         return cls.from_graph(load(path), timeout=timeout, **kwargs)
 
     @classmethod
+    def connect(cls, uri: str, *, timeout: float = 30, watch: bool = True, **kwargs: Any) -> Volume:
+        """Open `mortar://HOST[:PORT]/VOLUME` through its node daemon (see `AsyncVolume.connect`)."""
+        loop = LoopThread(f"mortar-volume-{next(_counter)}")
+        try:
+            avolume = loop.run(AsyncVolume.connect(uri, timeout=timeout, watch=watch, **kwargs))
+        except BaseException:
+            loop.stop()
+            raise
+        return cls(avolume, loop)
+
+    @classmethod
     def from_graph(cls, graph: Graph, *, timeout: float = 30, **kwargs: Any) -> Volume:
         """Serve from a built, not yet started graph (the `mortar://HOST/VOLUME` connect lands here)."""
         loop = LoopThread(f"mortar-volume-{next(_counter)}")

@@ -17,7 +17,7 @@ import posixpath
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from mortar.client.file import AsyncFile, Opening, parse_mode
 from mortar.client.resolve import Attempt, Resolved, Resolver, split_path
@@ -29,8 +29,11 @@ from mortar.core.fops import GFID_REQ, AttrSet, Buffer, Fd, SeekWhat, SetAttrVal
 from mortar.core.gfid import ROOT_GFID, Gfid
 from mortar.core.iatt import Iatt
 from mortar.core.inode import InodeTable
-from mortar.core.translator import Event
+from mortar.core.translator import Event, Translator
 from mortar.graph.builder import Graph, load
+
+if TYPE_CHECKING:
+    from mortar.client.switch import CallGate
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +106,11 @@ class AsyncVolume:
         entry_timeout: float | None = 1.0,
         readdir_size: int = READDIR_SIZE,
         owns_graph: bool = True,
+        top: Translator | None = None,
     ) -> None:
         self.graph = graph
-        self.top = graph.top
+        #: where fops go: the graph's top, or the switch above it of a connected volume
+        self.top = top if top is not None else graph.top
         self.table = InodeTable()
         self.resolver = Resolver(self.top, self.table, entry_timeout)
         #: who the calls run as; None means this process's identity at the time of each call
@@ -116,6 +121,10 @@ class AsyncVolume:
         self._handles: set[FileHandle] = set()
         self._closed = False
         self._unsubscribe = graph.subscribe(self._on_event)
+        #: set by `connect()`: lets a live graph switch hold new calls until running ones finish
+        self.gate: CallGate | None = None
+        #: run at close, before the graph stops (a connected volume's volfile watch)
+        self.on_close: list[Callable[[], Awaitable[None]]] = []
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -123,6 +132,16 @@ class AsyncVolume:
     async def from_volfile(cls, path: str | Path, *, timeout: float = 30, **kwargs: Any) -> AsyncVolume:
         """Build the graph a client volfile describes, start it and wait until it can serve."""
         return await cls.from_graph(load(path), timeout=timeout, **kwargs)
+
+    @classmethod
+    async def connect(
+        cls, uri: str, *, timeout: float = 30, watch: bool = True, **kwargs: Any
+    ) -> AsyncVolume:
+        """Open `mortar://HOST[:PORT][,HOST2...]/VOLUME`: fetch its volfile from the node daemon, run
+        the graph here, and (with `watch`) follow volfile changes with live graph switches."""
+        from mortar.client.uri import connect
+
+        return await connect(cls, uri, timeout=timeout, watch=watch, **kwargs)
 
     @classmethod
     async def from_graph(cls, graph: Graph, *, timeout: float = 30, **kwargs: Any) -> AsyncVolume:
@@ -156,6 +175,11 @@ class AsyncVolume:
 
     async def _shutdown(self) -> None:
         self._closed = True
+        for hook in self.on_close:
+            try:
+                await hook()
+            except Exception:
+                log.exception("volume %s: close hook failed", self.top.name)
         self._unsubscribe()
         if self._owns_graph:
             await self.graph.stop()
@@ -200,6 +224,14 @@ class AsyncVolume:
     ) -> T:
         """Run `call` as the caller's identity; fop errors become OSError naming the path(s)."""
         self._check_open()
+        if self.gate is not None:
+            async with self.gate.call():
+                return await self._as_caller(call, path, path2)
+        return await self._as_caller(call, path, path2)
+
+    async def _as_caller(
+        self, call: Callable[[], Awaitable[T]], path: PathArg | None, path2: PathArg | None
+    ) -> T:
         token = call_context.set(self._identity())
         try:
             return await call()

@@ -1,7 +1,9 @@
 """`mortar-brick`: one brick process, serving the graph of one brick volfile until told to stop.
 
 The top of a brick volfile is `protocol/server`; the process writes the port it listens on to
-`--port-file` (the node daemon's port map reads it) and exits cleanly on SIGTERM or SIGINT.
+`--port-file` (the node daemon's port map reads it) and exits cleanly on SIGTERM or SIGINT. SIGHUP
+re-reads the volfile and applies changed options in place (`volume set` of a brick-side key); a
+changed topology needs a restart and is refused with a log line.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ from pathlib import Path
 import uvloop
 
 from mortar.core.log import setup_logging
-from mortar.graph.builder import VolfileError, load
+from mortar.core.options import OptionError
+from mortar.graph.builder import Graph, VolfileError, load
+from mortar.graph.volfile import parse
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("mortar.mgmt.brick")  # not __name__: this module also runs as __main__
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,6 +45,7 @@ async def serve(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload, graph, args.volfile)
     await graph.start()
     port = getattr(graph.top, "listen_port", None)
     log.info("brick %s serving on port %s (pid %d)", graph.top.name, port, os.getpid())
@@ -52,6 +57,17 @@ async def serve(args: argparse.Namespace) -> int:
     log.info("brick %s stopping", graph.top.name)
     await graph.stop()
     return 0
+
+
+def reload(graph: Graph, volfile: Path) -> None:
+    """Apply the volfile's current options to the running graph (SIGHUP)."""
+    try:
+        specs = parse(volfile.read_text(), str(volfile))
+        changed = graph.reconfigure(specs, str(volfile))
+    except (OSError, VolfileError, OptionError) as exc:
+        log.error("reload of %s refused, keeping the running graph: %s", volfile, exc)
+        return
+    log.info("reloaded %s: %s", volfile, ", ".join(changed) or "nothing changed")
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -5,14 +5,32 @@ Graphs follow glusterd's shapes so a GlusterFS operator recognises them:
 - brick: storage/posix -> features/locks -> features/index -> performance/io-threads
   -> debug/io-stats (named after the brick) -> protocol/server
 - client: protocol/client per brick -> cluster/replicate per replica set -> cluster/distribute
-  (when there is more than one subvolume) -> debug/io-stats (named after the volume)
+  (when there is more than one subvolume) -> [performance/io-threads with client-io-threads]
+  -> debug/io-stats (named after the volume)
+
+Option values arrive already mapped from `volume set` keys to translator options (see `volopts`);
+each translator type's options apply wherever that type appears, brick side or client side.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 
 from mortar.graph.volfile import VolumeSpec, dump
+
+
+def dashed(path: str) -> str:
+    """glusterd's spelling of a brick path in file names: `/data/b1` -> `data-b1`."""
+    return path.strip("/").replace("/", "-") or "root"
+
+
+def bind_address(host: str) -> str:
+    """Bricks listen on their host's address when it is an IP literal, on every address otherwise."""
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return "127.0.0.1" if host == "localhost" else "0.0.0.0"
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,9 +55,16 @@ class VolumeDescription:
     transport: str = "tcp"
     #: translator type -> option -> value, already mapped from `volume set` keys
     xlator_options: dict[str, dict[str, str]] = field(default_factory=dict)
-    auth_allow: str = "127.0.0.1"
+    #: addresses allowed to reach the bricks (`auth.allow`); clients also need the volume's login
+    auth_allow: str = "*"
     username: str = ""
     password: str = ""
+    #: put performance/io-threads in the client graph (`performance.client-io-threads`)
+    client_io_threads: bool = False
+    #: what serves the bricks: "posix" (directories) or "bd" (thin pools, `volume create ... device lv`)
+    brick_type: str = "posix"
+    #: storage/bd options for every brick of a bd volume (backend, pool-size, block-size, vg, thinpool)
+    bd_options: dict[str, str] = field(default_factory=dict)
 
     def brick_name(self, index: int) -> str:
         """The name clients ask for in their handshake (`remote-subvolume`)."""
@@ -48,9 +73,26 @@ class VolumeDescription:
     def client_name(self, index: int) -> str:
         return f"{self.name}-client-{index}"
 
+    def brick_volfile_name(self, index: int) -> str:
+        """glusterd's file name for a brick volfile: `VOL.HOST.PATH-DASHED.vol`."""
+        brick = self.bricks[index]
+        return f"{self.name}.{brick.host}.{dashed(brick.path)}.vol"
+
 
 def _opts(desc: VolumeDescription, xl_type: str, base: dict[str, str]) -> dict[str, str]:
     return {**base, **desc.xlator_options.get(xl_type, {})}
+
+
+def _bd_storage(
+    desc: VolumeDescription, brick: Brick, v: str, create: bool
+) -> tuple[VolumeSpec, dict[str, str]]:
+    """storage/bd for a brick of a bd volume (its path is a pool directory), and features/index's
+    options: the index lives in the pool directory, as there is no brick directory to find."""
+    bd = {"pool": brick.path, "volume-id": desc.volume_id, **desc.bd_options}
+    if create:
+        bd["pool-create"] = "on"
+    index = {"index-base": f"{brick.path.rstrip('/')}/.mortar/indices"}
+    return VolumeSpec(f"{v}-bd", "storage/bd", _opts(desc, "storage/bd", bd)), index
 
 
 def brick_volfile(desc: VolumeDescription, index: int, *, create: bool = False) -> str:
@@ -66,16 +108,18 @@ def brick_volfile(desc: VolumeDescription, index: int, *, create: bool = False) 
         server["transport.socket.listen-path"] = brick.socket_path
     else:
         server["transport.socket.listen-port"] = str(brick.port)
-        server["transport.socket.bind-address"] = (
-            "0.0.0.0" if brick.host not in ("127.0.0.1", "localhost") else "127.0.0.1"
-        )
+        server["transport.socket.bind-address"] = bind_address(brick.host)
     if desc.username:
         server[f"auth.login.{top}.allow"] = desc.username
         server[f"auth.login.{desc.username}.password"] = desc.password
+    storage = VolumeSpec(f"{v}-posix", "storage/posix", _opts(desc, "storage/posix", posix))
+    index_opts: dict[str, str] = {}
+    if desc.brick_type == "bd":
+        storage, index_opts = _bd_storage(desc, brick, v, create)
     specs = [
-        VolumeSpec(f"{v}-posix", "storage/posix", _opts(desc, "storage/posix", posix)),
-        VolumeSpec(f"{v}-locks", "features/locks", _opts(desc, "features/locks", {}), [f"{v}-posix"]),
-        VolumeSpec(f"{v}-index", "features/index", _opts(desc, "features/index", {}), [f"{v}-locks"]),
+        storage,
+        VolumeSpec(f"{v}-locks", "features/locks", _opts(desc, "features/locks", {}), [storage.name]),
+        VolumeSpec(f"{v}-index", "features/index", _opts(desc, "features/index", index_opts), [f"{v}-locks"]),
         VolumeSpec(
             f"{v}-io-threads",
             "performance/io-threads",
@@ -126,5 +170,11 @@ def client_volfile(desc: VolumeDescription) -> str:
             )
         )
         subvols = [f"{desc.name}-dht"]
+    if desc.client_io_threads:
+        name = f"{desc.name}-io-threads"
+        specs.append(
+            VolumeSpec(name, "performance/io-threads", _opts(desc, "performance/io-threads", {}), subvols)
+        )
+        subvols = [name]
     specs.append(VolumeSpec(desc.name, "debug/io-stats", _opts(desc, "debug/io-stats", {}), subvols))
     return dump(specs)
