@@ -6,7 +6,7 @@ import json
 import sys
 
 from mortar import __version__
-from mortar.cli import bd, peer, thinpool, volfile, volume, volume_options  # noqa: F401
+from mortar.cli import bd, mount, peer, thinpool, volfile, volume, volume_options  # noqa: F401
 from mortar.cli.command import COMMANDS, CliError, Context, find
 
 USAGE = """usage: mortar [--json] [--remote-host HOST[:PORT]] COMMAND [ARGS...]
