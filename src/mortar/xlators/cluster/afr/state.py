@@ -130,22 +130,20 @@ def new_owner() -> bytes:
     return os.urandom(8)
 
 
-async def capture(aw: Awaitable[_T]) -> _T | FopError:
-    try:
-        return await aw
-    except FopError as exc:
-        return exc
-
-
 async def gather_map(calls: Mapping[int, Awaitable[_T]]) -> tuple[dict[int, _T], dict[int, FopError]]:
     """Run one call per child at once; (replies, errors) by child index."""
     keys = list(calls)
-    results = await asyncio.gather(*(capture(calls[k]) for k in keys))
+    # tasks at once, so a cancelled fan-out cancels (and closes) every call instead of leaking
+    # coroutines that never ran
+    tasks = [asyncio.ensure_future(calls[k]) for k in keys]
+    results = await asyncio.gather(*tasks, return_exceptions=True)
     ok: dict[int, _T] = {}
     bad: dict[int, FopError] = {}
     for k, r in zip(keys, results, strict=True):
         if isinstance(r, FopError):
             bad[k] = r
+        elif isinstance(r, BaseException):
+            raise r
         else:
             ok[k] = r
     return ok, bad
