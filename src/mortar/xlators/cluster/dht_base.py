@@ -1,8 +1,10 @@
 """DHT's state and its placement machinery: subvolume events, per-inode context, layouts (read,
 heal, fix), link files, free-space placement, and lookup, which ties them together.
 
-`DistributeTranslator` (dht.py) adds the fops on top; a rebalance process reuses `fix_layout`,
-`layout_for`, `hashed_for` and `make_linkfile`.
+`DistributeTranslator` (dht.py) adds the fops on top; the rebalance engine (dht_rebalance) reuses
+`fix_layout`, `layout_for`, `hashed_for`, `make_linkfile`, `set_decommissioned` and the volume
+commit hash (`write_volume_commit`), which lets `lookup-unhashed auto` trust fully rebalanced
+directories.
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ import asyncio
 import errno
 import os
 import posixpath
+import re
+import struct
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, ClassVar
 
@@ -27,12 +31,15 @@ from mortar.core.options import Option
 from mortar.core.translator import Event, Translator
 from mortar.xlators.cluster.dht_common import (
     STALE,
+    VOL_COMMIT_XATTR,
     DhtCtx,
     as_root,
     gather_fops,
+    hide_migration,
     is_linkfile,
     linkfile_mode,
     linkto_of,
+    plan_layout,
     wanted_xattrs,
 )
 from mortar.xlators.cluster.dht_hash import RSYNC_HASH_REGEX, NameHasher
@@ -76,6 +83,12 @@ class DhtBase(Translator):
             "str", RSYNC_HASH_REGEX, "names matching this hash like its first group (rsync's temporaries)"
         ),
         "extra-hash-regex": Option("str", "", "tried before rsync-hash-regex, same meaning"),
+        "decommissioned-bricks": Option(
+            "str",
+            "",
+            "subvolumes being drained by remove-brick (names, space or comma separated): new layouts give "
+            "them no range and no new file is placed on them",
+        ),
     }
     #: seconds to wait for every subvolume to report before telling parents CHILD_UP with some up
     child_wait: float = 10.0
@@ -103,6 +116,24 @@ class DhtBase(Translator):
         self._du: dict[int, StatVfs] = {}
         self._du_at = 0.0
         self._du_lock = asyncio.Lock()
+        self._decommissioned = self._parse_decommissioned(self.opts["decommissioned-bricks"])
+        #: commit hash of the last complete rebalance, read from the root (0: none)
+        self.volume_commit = COMMIT_FRESH
+
+    def _parse_decommissioned(self, text: str) -> frozenset[str]:
+        names = frozenset(n for n in re.split(r"[\s,]+", text) if n)
+        unknown = sorted(names - set(self._by_name))
+        if unknown:
+            raise ValueError(f"{self.name}: decommissioned-bricks names no subvolume: {', '.join(unknown)}")
+        return names
+
+    @property
+    def decommissioned(self) -> frozenset[str]:
+        return self._decommissioned
+
+    def set_decommissioned(self, names: Collection[str]) -> None:
+        """Drain these subvolumes (remove-brick): no range in new layouts, no new files."""
+        self._decommissioned = self._parse_decommissioned(" ".join(names))
 
     def _make_hasher(self) -> NameHasher:
         return NameHasher(self.opts["rsync-hash-regex"], self.opts["extra-hash-regex"])
@@ -110,6 +141,7 @@ class DhtBase(Translator):
     def reconfigure(self, options: Mapping[str, Any]) -> None:
         super().reconfigure(options)
         self._hasher = self._make_hasher()
+        self._decommissioned = self._parse_decommissioned(self.opts["decommissioned-bricks"])
 
     async def fini(self) -> None:
         if self._timer is not None:
@@ -247,7 +279,43 @@ class DhtBase(Translator):
 
     def _may_look_unhashed(self, layout: Layout) -> bool:
         mode = self.opts["lookup-unhashed"]
-        return mode == "on" or (mode == "auto" and not layout.fresh)
+        return mode == "on" or (mode == "auto" and not self.settled(layout))
+
+    def settled(self, layout: Layout) -> bool:
+        """Every file of the directory is on its hashed subvolume (or has a link file there): the
+        directory was created with this layout, or a complete rebalance left it so."""
+        if layout.fresh:
+            return True
+        vol = self.volume_commit
+        return (
+            vol != COMMIT_FRESH
+            and bool(layout.ranges)
+            and not layout.missing
+            and all(r.commit_hash == vol for r in layout.ranges)
+        )
+
+    def _next_commit(self, commit: int) -> int:
+        """A commit hash for a rewritten layout: never "fresh" and never the volume's."""
+        nxt = commit % 0xFFFFFFFF + 1
+        return nxt % 0xFFFFFFFF + 1 if nxt == self.volume_commit else nxt
+
+    async def write_volume_commit(self, commit: int) -> None:
+        """Record on every subvolume's root that a rebalance with `commit` completed."""
+        raw = struct.pack(">I", commit)
+        with as_root():
+            res = await gather_fops(
+                c.setxattr(Loc("/", ROOT_GFID), {VOL_COMMIT_XATTR: raw}, 0) for c in self.children
+            )
+        errs = [r for r in res if isinstance(r, FopError)]
+        if errs:
+            raise errs[0]
+        self.volume_commit = commit
+
+    def _note_volume_commit(self, replies: Sequence[EntryReply]) -> None:
+        found = [wanted_xattrs(r.xdata).get(VOL_COMMIT_XATTR) for r in replies]
+        values = {struct.unpack(">I", raw)[0] for raw in found if raw is not None and len(raw) == 4}
+        # subvolumes that disagree (one was added since): trust none of them
+        self.volume_commit = values.pop() if len(values) == 1 and None not in found else COMMIT_FRESH
 
     async def _weights(self, children: Sequence[Translator]) -> list[int] | None:
         if not self.opts["weighted-rebalance"]:
@@ -259,13 +327,23 @@ class DhtBase(Translator):
             weights.append(max(1, (sv.blocks * sv.frsize) >> 20) if sv else 1)
         return weights
 
-    async def _new_layout(self, gfid: Gfid, children: Sequence[Translator], commit_hash: int) -> Layout:
-        names = [c.name for c in children]
-        start = rotation_start(gfid.canonical, len(names))
-        return compute_layout(names, await self._weights(children), start=start, commit_hash=commit_hash)
+    def _live(self, children: Sequence[Translator]) -> list[Translator]:
+        """The subvolumes of `children` that may own a range (all of them if all are drained)."""
+        return [c for c in children if c.name not in self._decommissioned] or list(children)
 
-    async def _write_layout(self, gfid: Gfid, path: str, layout: Layout, only: Sequence[str] = ()) -> None:
-        """Write each subvolume's range (just those named in `only`, when given)."""
+    async def _new_layout(self, gfid: Gfid, children: Sequence[Translator], commit_hash: int) -> Layout:
+        live = self._live(children)
+        names = [c.name for c in live]
+        zero = [c.name for c in children if c not in live]
+        start = rotation_start(gfid.canonical, len(names))
+        return compute_layout(
+            names, await self._weights(live), start=start, commit_hash=commit_hash, zero=zero
+        )
+
+    async def _write_layout(
+        self, gfid: Gfid, path: str, layout: Layout, only: Sequence[str] = ()
+    ) -> list[FopError]:
+        """Write each subvolume's range (just those named in `only`, when given); returns failures."""
         ranges = [r for r in layout.ranges if r.subvol in self._by_name and (not only or r.subvol in only)]
         with as_root():
             res = await gather_fops(
@@ -275,6 +353,7 @@ class DhtBase(Translator):
         for r, rep in zip(ranges, res, strict=True):
             if isinstance(rep, FopError):
                 self.log.warning("%s: writing the layout on %s failed: %s", path, r.subvol, rep)
+        return [r for r in res if isinstance(r, FopError)]
 
     async def _read_layouts(self, gfid: Gfid, path: str, children: Sequence[Translator]) -> Layout:
         req = {"xattrs": [LAYOUT_XATTR]}
@@ -318,27 +397,36 @@ class DhtBase(Translator):
                 self.log.warning("%s: releasing the layout lock on %s failed: %s", path, child.name, exc)
 
     async def _heal_layout(
-        self, gfid: Gfid, path: str, children: Sequence[Translator], force: bool
+        self,
+        gfid: Gfid,
+        path: str,
+        children: Sequence[Translator],
+        force: bool,
+        zero: Collection[str] = (),
+        commit_hash: int | None = None,
     ) -> Layout:
         """Repair the layout under the heal lock: a layout with holes or overlaps (or none at all) is
         replaced; one that covers the range gets empty ranges written where it is missing. `force`
-        (fix-layout) always spreads the range over `children` again."""
+        (fix-layout) always spreads the range over `children` again, reusing the old ranges as far as
+        it can, with `zero` (and decommissioned) subvolumes given none."""
         with as_root(lk_owner=os.urandom(8)):
             held = await self._lock_layout(gfid, path, children)
             try:
                 layout = await self._read_layouts(gfid, path, children)
+                if force:
+                    return await self._replan(gfid, path, layout, children, zero, commit_hash)
                 anomalies = check_layout(layout)
-                if not force and anomalies.ok and not anomalies.missing:
+                if anomalies.ok and not anomalies.missing:
                     return layout
-                if not force and anomalies.ok:
+                if anomalies.ok:
                     fill = [c.name for c in children if c.name in layout.missing]
-                    zero = compute_layout([], zero=fill, commit_hash=layout.commit_hash)
-                    layout = Layout(layout.ranges + zero.ranges)
+                    empty = compute_layout([], zero=fill, commit_hash=layout.commit_hash)
+                    layout = Layout(layout.ranges + empty.ranges)
                     self.log.info("%s: gave an empty range to %s", path, ", ".join(fill))
                     await self._write_layout(gfid, path, layout, only=fill)
                     return layout
-                fresh = not layout.ranges and not force  # a directory nobody gave a layout yet
-                commit = COMMIT_FRESH if fresh else layout.commit_hash % 0xFFFFFFFF + 1
+                fresh = not layout.ranges  # a directory nobody gave a layout yet
+                commit = COMMIT_FRESH if fresh else self._next_commit(layout.commit_hash)
                 old = anomalies
                 layout = await self._new_layout(gfid, children, commit)
                 self.log.info("%s: new layout (had %d holes, %d overlaps)", path, old.holes, old.overlaps)
@@ -347,13 +435,47 @@ class DhtBase(Translator):
             finally:
                 await self._unlock_layout(gfid, path, held)
 
-    async def fix_layout(self, dirloc: Loc) -> Layout:
-        """Spread a directory's hash range over every live subvolume again (rebalance's first step):
-        existing files stay where they are and are found through lookup-unhashed until migrated."""
+    async def _replan(
+        self,
+        gfid: Gfid,
+        path: str,
+        old: Layout,
+        children: Sequence[Translator],
+        zero: Collection[str],
+        commit_hash: int | None,
+    ) -> Layout:
+        excluded = set(zero) | self._decommissioned
+        live = [c for c in children if c.name not in excluded]
+        if not live:
+            raise FopError(errno.EINVAL, f"{path}: every subvolume would be left without a hash range")
+        commit = commit_hash if commit_hash is not None else self._next_commit(old.commit_hash)
+        layout = plan_layout(
+            old,
+            [c.name for c in live],
+            await self._weights(live),
+            commit_hash=commit,
+            zero=[c.name for c in children if c not in live],
+            start=rotation_start(gfid.canonical, len(live)),
+        )
+        failed = await self._write_layout(gfid, path, layout)
+        if failed:
+            raise FopError(failed[0].errno, f"{path}: the new layout could not be written everywhere")
+        self.log.info("%s: layout fixed over %s (commit %#x)", path, ", ".join(c.name for c in live), commit)
+        return layout
+
+    async def fix_layout(
+        self, dirloc: Loc, *, zero: Collection[str] = (), commit_hash: int | None = None
+    ) -> Layout:
+        """Spread a directory's hash range over every live subvolume again (rebalance's first step),
+        keeping as much of each old range as possible; `zero` subvolumes (being drained) get none.
+        Existing files stay where they are and are found through lookup-unhashed until migrated.
+        `commit_hash` (a rebalance run's) is written with the new ranges."""
         rep = await self.lookup(dirloc)
         if not rep.iatt.is_dir:
             raise FopError(errno.ENOTDIR, f"{dirloc.path} is not a directory")
-        layout = await self._heal_layout(rep.iatt.gfid, dirloc.path, self.up_children(), force=True)
+        layout = await self._heal_layout(
+            rep.iatt.gfid, dirloc.path, self.up_children(), True, zero, commit_hash
+        )
         ctx = self._ctx(rep.iatt.gfid, dirloc.inode)
         if ctx is not None:
             ctx.layout = layout
@@ -375,7 +497,7 @@ class DhtBase(Translator):
             xdata.pop("xattrs", None)
         else:
             xdata["xattrs"] = {k: v for k, v in wanted_xattrs(rep.xdata).items() if k in asked}
-        return EntryReply(iatt or rep.iatt, rep.parent_pre, rep.parent_post, xdata or None)
+        return EntryReply(hide_migration(iatt or rep.iatt), rep.parent_pre, rep.parent_post, xdata or None)
 
     async def _child_lookup(self, child: Translator, loc: Loc, req: dict[str, Any]) -> EntryReply:
         """A lookup on one subvolume as the caller (the brick checks search permission) with DHT's
@@ -461,7 +583,10 @@ class DhtBase(Translator):
     async def _lookup_gfid(self, loc: Loc, req: dict[str, Any], asked: list[str] | None) -> EntryReply:
         """Revalidate by gfid: a directory on all subvolumes, a file where its data is."""
         ctx = self._ctx(loc.gfid, loc.inode)
-        if loc.gfid == ROOT_GFID or (ctx is not None and ctx.is_dir):
+        if loc.gfid == ROOT_GFID:
+            root_req = {**req, "xattrs": [*req["xattrs"], VOL_COMMIT_XATTR]}
+            return await self._lookup_dir(loc, root_req, asked, {})
+        if ctx is not None and ctx.is_dir:
             return await self._lookup_dir(loc, req, asked, {})
         if ctx is not None and ctx.cached is not None:
             try:
@@ -506,6 +631,8 @@ class DhtBase(Translator):
             raise FopError(
                 errno.EIO, f"{loc.path}: the directory differs between subvolumes ({', '.join(bad)})"
             )
+        if gfid == ROOT_GFID:
+            self._note_volume_commit([r for _, r in dirs])
         missing = [c for c in order if isinstance(r := replies[id(c)], FopError) and r.errno == errno.ENOENT]
         healed = (
             await self._heal_dirs(loc, auth.iatt, missing) if missing and loc.name and loc.pargfid else []
@@ -548,7 +675,8 @@ class DhtBase(Translator):
     # ---- link files ----------------------------------------------------------------------------
 
     async def make_linkfile(self, child: Translator, loc: Loc, gfid: Gfid, target: Translator) -> None:
-        """Make `loc` on `child` a link file to `target` for the file `gfid` (replacing a stale one)."""
+        """Make `loc` on `child` a link file to `target` for the file `gfid` (replacing a stale one);
+        if the name there already holds this file's data (a migration just moved it), leave it."""
         name_loc = Loc(loc.path, pargfid=loc.pargfid, name=loc.name)
         with as_root():
             try:
@@ -556,12 +684,14 @@ class DhtBase(Translator):
             except FopError as exc:
                 if exc.errno != errno.EEXIST:
                     raise
-                await self._adopt_linkfile(child, name_loc, gfid)
+                if not await self._adopt_linkfile(child, name_loc, gfid):
+                    return
             await child.setxattr(Loc(loc.path, gfid), {LINKTO_XATTR: encode_linkto(target.name)}, 0)
 
-    async def _adopt_linkfile(self, child: Translator, loc: Loc, gfid: Gfid) -> None:
+    async def _adopt_linkfile(self, child: Translator, loc: Loc, gfid: Gfid) -> bool:
         """mknod said EEXIST: the name is taken, or the gfid already has a link file under another
-        name on this subvolume (a brick keeps one inode per gfid: add a name to it)."""
+        name on this subvolume (a brick keeps one inode per gfid: add a name to it). False when the
+        name is this very file with its data."""
         req = {"xattrs": [LINKTO_XATTR]}
         try:
             cur = await child.lookup(loc, dict(req))
@@ -572,21 +702,23 @@ class DhtBase(Translator):
             if linkto_of(other) is None:
                 raise FopError(errno.EEXIST, f"{loc.path}: the data of {gfid} is on {child.name}") from None
             await child.link(Loc(loc.path, gfid), loc)
-            return
+            return True
         if cur.iatt.gfid == gfid:
-            return
+            return is_linkfile(cur.iatt)
         if linkto_of(cur) is None:
             raise FopError(errno.EEXIST, f"{loc.path}: another file has this name on {child.name}")
         await child.unlink(loc, 0)
         await child.mknod(loc, linkfile_mode(), 0, 0, {GFID_REQ: bytes(gfid)})
+        return True
 
-    async def _unlink_linkfile(self, child: Translator, loc: Loc, gfid: Gfid) -> None:
-        """Remove `loc` on `child` if it is a link file for `gfid`; anything else is left alone."""
+    async def _unlink_linkfile(self, child: Translator, loc: Loc, gfid: Gfid, data_too: bool = False) -> None:
+        """Remove `loc` on `child` if it is a link file for `gfid`; anything else is left alone, except
+        (`data_too`, unlink) this very file's data, which a migration moved there meanwhile."""
         name_loc = Loc(loc.path, pargfid=loc.pargfid, name=loc.name)
         with as_root():
             try:
                 cur = await child.lookup(name_loc, {"xattrs": [LINKTO_XATTR]})
-                if cur.iatt.gfid == gfid and linkto_of(cur) is not None:
+                if cur.iatt.gfid == gfid and (data_too or linkto_of(cur) is not None):
                     await child.unlink(name_loc, 0)
             except FopError as exc:
                 if exc.errno not in STALE:
@@ -629,7 +761,7 @@ class DhtBase(Translator):
         percent, avail = self._free(hashed)
         if percent >= self.opts["min-free-disk"]:
             return hashed
-        best = max(self.up_children(), key=lambda c: self._free(c)[1])
+        best = max(self._live(self.up_children()), key=lambda c: self._free(c)[1])
         return best if self._free(best)[1] > avail else hashed
 
     async def _place(
