@@ -139,17 +139,17 @@ def linkto_of(rep: EntryReply) -> str | None:
     return decode_linkto(raw) if raw else None
 
 
-async def _capture(aw: Awaitable[_T]) -> _T | FopError:
-    try:
-        return await aw
-    except FopError as exc:
-        return exc
-
-
 async def gather_fops(calls: Iterable[Awaitable[_T]]) -> list[_T | FopError]:
     """Run fops on several subvolumes at once; each result is the reply or the FopError it raised
-    (any other exception is a bug and propagates)."""
-    return list(await asyncio.gather(*(_capture(c) for c in calls)))
+    (any other exception is a bug and propagates). The calls become tasks at once, so a cancelled
+    fan-out cancels every call instead of leaking coroutines that never ran."""
+    tasks = [asyncio.ensure_future(c) for c in calls]
+    out: list[_T | FopError] = []
+    for r in await asyncio.gather(*tasks, return_exceptions=True):
+        if isinstance(r, BaseException) and not isinstance(r, FopError):
+            raise r
+        out.append(r)
+    return out
 
 
 @contextmanager
