@@ -6,7 +6,19 @@ import json
 import sys
 
 from mortar import __version__
-from mortar.cli import bd, mount, peer, thinpool, volfile, volume, volume_options  # noqa: F401
+from mortar.cli import bd, image, mount, nbd, peer, thinpool, volfile, volume, volume_options  # noqa: F401
+    bd,
+    bricks,
+    heal,
+    image,
+    mount,
+    nbd,
+    peer,
+    thinpool,
+    volfile,
+    volume,
+    volume_options,
+)
 from mortar.cli.command import COMMANDS, CliError, Context, find
 
 USAGE = """usage: mortar [--json] [--remote-host HOST[:PORT]] COMMAND [ARGS...]

@@ -1,0 +1,1 @@
+"""Virtualization management (the VDSM role): storage domains, disk images, libvirt disk XML."""

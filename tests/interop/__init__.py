@@ -1,0 +1,1 @@
+"""Tests that drive real clients nobody here wrote (QEMU, libnbd, fio) against mortar volumes."""
