@@ -228,7 +228,8 @@ async def test_two_clients_writing_one_file_stay_consistent(make_cluster: MakeCl
     await asyncio.wait_for(asyncio.gather(writer("a", 1), writer("b", 2)), 60)
     copies = cl.copies("shared")
     assert copies[0] == copies[1] == copies[2]
-    assert set(copies[0]) <= {0, 1, 2} and {1, 2} <= set(copies[0])
+    # which writer wins each region depends on timing; what may never happen is copies that differ
+    assert set(copies[0]) <= {0, 1, 2} and set(copies[0]) & {1, 2}
     assert cl.clean("shared")
     assert b is other
 
