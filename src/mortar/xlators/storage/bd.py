@@ -39,8 +39,6 @@ from mortar.core.fops import (
     DirReply,
     EntryReply,
     Fd,
-    Flock,
-    LkReply,
     Loc,
     ReadlinkReply,
     ReadReply,
@@ -65,6 +63,7 @@ from mortar.thinpool.bdpool import (
 from mortar.xlators.storage import bd_io as io
 from mortar.xlators.storage.bd_brick import BdBrick, BdFd
 from mortar.xlators.storage.bd_store import AttrStore
+from mortar.xlators.storage.nolocks import NoLockTable
 
 _T = TypeVar("_T")
 
@@ -155,7 +154,7 @@ def open_brick(loc: Location, volume_id: str, opts: Mapping[str, Any], log: Any)
         raise
 
 
-class BdTranslator(Translator):
+class BdTranslator(NoLockTable):
     """A brick on a thin pool; no children and no lock table (features/locks goes above)."""
 
     type_name: ClassVar[str] = "storage/bd"
@@ -423,28 +422,3 @@ class BdTranslator(Translator):
 
     async def releasedir(self, fd: Fd, xdata: Xdata = None) -> XdataReply:
         return await self.release(fd, xdata)
-
-    # ---- locks live in features/locks --------------------------------------------------------
-
-    @staticmethod
-    def _no_locks(fop: str) -> FopError:
-        return FopError(errno.ENOSYS, f"{fop}: storage/bd has no lock table; load features/locks above it")
-
-    async def inodelk(self, domain: str, loc: Loc, cmd: int, flock: Flock, xdata: Xdata = None) -> XdataReply:
-        raise self._no_locks("inodelk")
-
-    async def finodelk(self, domain: str, fd: Fd, cmd: int, flock: Flock, xdata: Xdata = None) -> XdataReply:
-        raise self._no_locks("finodelk")
-
-    async def entrylk(
-        self, domain: str, loc: Loc, basename: str | None, cmd: int, lktype: int, xdata: Xdata = None
-    ) -> XdataReply:
-        raise self._no_locks("entrylk")
-
-    async def fentrylk(
-        self, domain: str, fd: Fd, basename: str | None, cmd: int, lktype: int, xdata: Xdata = None
-    ) -> XdataReply:
-        raise self._no_locks("fentrylk")
-
-    async def lk(self, fd: Fd, cmd: int, flock: Flock, xdata: Xdata = None) -> LkReply:
-        raise self._no_locks("lk")

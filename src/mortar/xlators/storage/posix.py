@@ -32,8 +32,6 @@ from mortar.core.fops import (
     DirReply,
     EntryReply,
     Fd,
-    Flock,
-    LkReply,
     Loc,
     ReadlinkReply,
     ReadReply,
@@ -50,6 +48,7 @@ from mortar.core.translator import Event, Translator
 from mortar.xlators.storage import posix_entry as entry
 from mortar.xlators.storage import posix_inode as inode
 from mortar.xlators.storage import posix_io as io
+from mortar.xlators.storage.nolocks import NoLockTable
 from mortar.xlators.storage.posix_handles import GFID_XATTR, PRIVATE_DIR, VOLUME_ID_XATTR, Brick, PosixFd
 
 HEALTH_CHECK_TIMEOUT = 20.0
@@ -104,7 +103,7 @@ def prepare_brick(root: str, volume_id: bytes, create: bool) -> None:
         raise BrickError(f"brick {root}: {exc}") from exc
 
 
-class PosixTranslator(Translator):
+class PosixTranslator(NoLockTable):
     """A brick on a local directory. It has no children and no lock table (features/locks goes above)."""
 
     type_name: ClassVar[str] = "storage/posix"
@@ -382,28 +381,3 @@ class PosixTranslator(Translator):
 
     async def releasedir(self, fd: Fd, xdata: Xdata = None) -> XdataReply:
         return await self.release(fd, xdata)
-
-    # ---- locks live in features/locks --------------------------------------------------------
-
-    @staticmethod
-    def _no_locks(fop: str) -> FopError:
-        return FopError(errno.ENOSYS, f"{fop}: storage/posix has no lock table; load features/locks above it")
-
-    async def inodelk(self, domain: str, loc: Loc, cmd: int, flock: Flock, xdata: Xdata = None) -> XdataReply:
-        raise self._no_locks("inodelk")
-
-    async def finodelk(self, domain: str, fd: Fd, cmd: int, flock: Flock, xdata: Xdata = None) -> XdataReply:
-        raise self._no_locks("finodelk")
-
-    async def entrylk(
-        self, domain: str, loc: Loc, basename: str | None, cmd: int, lktype: int, xdata: Xdata = None
-    ) -> XdataReply:
-        raise self._no_locks("entrylk")
-
-    async def fentrylk(
-        self, domain: str, fd: Fd, basename: str | None, cmd: int, lktype: int, xdata: Xdata = None
-    ) -> XdataReply:
-        raise self._no_locks("fentrylk")
-
-    async def lk(self, fd: Fd, cmd: int, flock: Flock, xdata: Xdata = None) -> LkReply:
-        raise self._no_locks("lk")
