@@ -451,6 +451,11 @@ class ReplicateBase(Translator):
                         continue
                     await self.inodelk_release(taken, domain, gfid, start, length, who)
                     raise
+                except asyncio.CancelledError:
+                    # nobody will unlock what this call took: give it back before going away
+                    if taken:
+                        await asyncio.shield(self.inodelk_release(taken, domain, gfid, start, length, who))
+                    raise
                 taken.append(i)
         return taken
 

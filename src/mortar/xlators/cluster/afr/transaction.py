@@ -55,6 +55,9 @@ class EagerLock:
     locked: list[int] = field(default_factory=list)
     #: children where this batch raised `dirty` (lowered at the end of the batch)
     dirty_on: set[int] = field(default_factory=set)
+    #: held while raising `dirty`: transactions entering the batch together raise it once, not once
+    #: each (the batch's end lowers it once)
+    pre_op: asyncio.Lock = field(default_factory=asyncio.Lock)
     #: child -> the children it has recorded, in this batch, as having missed a change
     blamed: dict[int, set[int]] = field(default_factory=dict)
     active: int = 0
@@ -65,6 +68,11 @@ class EagerLock:
     released: asyncio.Event = field(default_factory=asyncio.Event)
     timer: asyncio.TimerHandle | None = None
     watcher: asyncio.Task[None] | None = None
+    #: takes the lock on the children; a task of its own, so no one joiner's cancellation can
+    #: leave the shared lock half taken or taken by an owner nobody remembers
+    acquiring: asyncio.Task[None] | None = None
+    #: why the acquisition failed (`failed`), raised to every transaction that waited for it
+    error: BaseException | None = None
     release_task: asyncio.Task[None] | None = None
 
 
@@ -231,11 +239,13 @@ class Transactions:
         loc = gfid_loc(lock.gfid)
         participants = [i for i in lock.locked if afr.is_up(i)]
         afr.check_quorum(participants, what)
-        fresh = [i for i in participants if i not in lock.dirty_on]
-        if fresh:
-            pre, bad = await afr.xattrop_on({i: {DIRTY_KEY: one(DATA)} for i in fresh}, loc)
-            lock.dirty_on.update(pre)
-            participants = [i for i in participants if i not in bad]
+        if any(i not in lock.dirty_on for i in participants):
+            async with lock.pre_op:
+                fresh = [i for i in participants if i not in lock.dirty_on]
+                if fresh:
+                    pre, bad = await afr.xattrop_on({i: {DIRTY_KEY: one(DATA)} for i in fresh}, loc)
+                    lock.dirty_on.update(pre)
+                    participants = [i for i in participants if i not in bad]
             afr.check_quorum(participants, what)
         outcome = await self._wind(participants, call, skip_arbiter=True)
         failed = set(range(afr.n)) - outcome.succeeded
@@ -254,31 +264,18 @@ class Transactions:
         return outcome
 
     async def _join(self, gfid: Gfid) -> EagerLock:
-        afr = self.afr
+        """Enter the inode's batch: the one eager lock this client holds on it, whichever fd the
+        write comes from (taken if there is none; waited for while it is taken or given back)."""
         while True:
             lock = self.eager.get(gfid)
             if lock is None:
-                lock = EagerLock(gfid, identity(new_owner()))
-                self.eager[gfid] = lock
-                try:
-                    lock.locked = await afr.inodelk_all(afr.up_indices(), afr.domain, gfid, 0, 0, lock.who)
-                except BaseException:
-                    lock.failed = True
-                    lock.released.set()
-                    if self.eager.get(gfid) is lock:
-                        del self.eager[gfid]
-                    raise
-                finally:
-                    lock.ready.set()
-                lock.watcher = asyncio.get_running_loop().create_task(self._watch(lock))
-            else:
+                lock = self._acquire(gfid)
+            if not lock.ready.is_set():
                 await lock.ready.wait()
-                if lock.failed:
-                    continue
-                if lock.releasing:
-                    await lock.released.wait()
-                    continue
-            if lock.releasing or lock.failed:
+            if lock.failed:
+                raise self._failure(lock)
+            if lock.releasing:
+                await lock.released.wait()
                 continue
             lock.active += 1
             lock.idle.clear()
@@ -287,18 +284,66 @@ class Transactions:
                 lock.timer = None
             return lock
 
+    def _acquire(self, gfid: Gfid) -> EagerLock:
+        """Register a new eager lock for `gfid` at once (later writers join it) and take it on the
+        children in a task of its own."""
+        lock = EagerLock(gfid, identity(new_owner()))
+        self.eager[gfid] = lock
+        task = asyncio.get_running_loop().create_task(self._take(lock))
+        lock.acquiring = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return lock
+
+    async def _take(self, lock: EagerLock) -> None:
+        afr = self.afr
+        try:
+            lock.locked = await afr.inodelk_all(afr.up_indices(), afr.domain, lock.gfid, 0, 0, lock.who)
+        except BaseException as exc:
+            lock.failed = True
+            lock.error = exc
+            lock.released.set()
+            if self.eager.get(lock.gfid) is lock:
+                del self.eager[lock.gfid]
+            if not isinstance(exc, Exception):
+                raise
+            return  # the waiting transactions raise it (see _failure)
+        finally:
+            lock.ready.set()
+        afr.log.debug("eager lock on %s taken on %s", lock.gfid, lock.locked)
+        if not lock.releasing:
+            lock.watcher = asyncio.get_running_loop().create_task(self._watch(lock))
+            # idle until a waiting transaction joins (which stops the timer): a lock whose writers
+            # were all cancelled meanwhile is still given back
+            self._arm_idle(lock)
+
+    def _failure(self, lock: EagerLock) -> FopError:
+        """A fresh error for one transaction that waited for a lock whose acquisition failed."""
+        exc = lock.error
+        if isinstance(exc, FopError):
+            return FopError(exc.errno, exc.message)
+        if isinstance(exc, asyncio.CancelledError):
+            return FopError(errno.ENOTCONN, f"{self.afr.name}: locking {lock.gfid} was abandoned (shutdown)")
+        return FopError(errno.EIO, f"{self.afr.name}: locking {lock.gfid} failed: {exc!r}")
+
     def _leave(self, lock: EagerLock) -> None:
         lock.active -= 1
         if lock.active:
             return
         lock.idle.set()
         if not lock.releasing:
-            delay = self.afr.opts["post-op-delay"]
-            loop = asyncio.get_running_loop()
-            lock.timer = loop.call_later(delay, self.release_soon, lock, "idle")
+            self._arm_idle(lock)
+
+    def _arm_idle(self, lock: EagerLock) -> None:
+        if lock.timer is not None:
+            lock.timer.cancel()
+        delay = self.afr.opts["post-op-delay"]
+        lock.timer = asyncio.get_running_loop().call_later(delay, self.release_soon, lock, "idle")
 
     def release_soon(self, lock: EagerLock, reason: str) -> asyncio.Task[None]:
-        """End the batch: once the writes in flight finish, lower dirty and unlock."""
+        """End the batch: once the lock is held and the writes in flight finish, lower dirty and
+        unlock. Safe at any point of the lock's life: a lock still being taken is given back as soon
+        as it is held (it must never leave `eager` while some child may still grant it)."""
         if lock.release_task is not None:
             return lock.release_task
         lock.releasing = True
@@ -314,6 +359,9 @@ class Transactions:
     async def _release(self, lock: EagerLock, reason: str) -> None:
         afr = self.afr
         try:
+            await lock.ready.wait()
+            if lock.failed:
+                return
             if lock.active:
                 await lock.idle.wait()
             if lock.watcher is not None and lock.watcher is not asyncio.current_task():
@@ -359,9 +407,13 @@ class Transactions:
             return False
 
     async def flush(self, gfid: Gfid) -> None:
-        """End this inode's batch now (fsync, flush, release need the changelog settled)."""
+        """End this inode's batch now (fsync, flush, release need the changelog settled). The batch
+        is shared by every fd of the inode: it ends once the writes in flight from all of them are
+        done. A lock still being taken covers no write yet (the batch before it was settled before
+        it was registered), so there is nothing to settle and it is left to the writers waiting
+        for it."""
         lock = self.eager.get(gfid)
-        if lock is not None:
+        if lock is not None and lock.ready.is_set():
             await asyncio.shield(self.release_soon(lock, "flush"))
 
     def child_changed(self, i: int, up: bool) -> None:
@@ -369,12 +421,16 @@ class Transactions:
         lock it held for this client): end the current batches."""
         if up:
             for lock in list(self.eager.values()):
-                if lock.ready.is_set() and not lock.failed:
+                if not lock.failed:
                     self.release_soon(lock, f"child {i} is back")
 
     async def close(self) -> None:
         for lock in list(self.eager.values()):
-            if lock.ready.is_set() and not lock.failed:
+            if lock.failed:
+                continue
+            if not lock.ready.is_set() and lock.acquiring is not None:
+                lock.acquiring.cancel()  # inodelk_all gives back what it took
+            else:
                 self.release_soon(lock, "shutdown")
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
