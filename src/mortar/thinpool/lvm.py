@@ -52,7 +52,16 @@ _COPY_CHUNK = 4 << 20
 _ALLOC_TTL = 1.0  # seconds an LV's allocation figure (one `lvs` call) is reused
 _LV_NAME = re.compile(r"^[A-Za-z0-9+_.][A-Za-z0-9+_.-]*$")
 #: substrings LVM keeps for its hidden sub-LVs
-_RESERVED_PARTS = ("_cdata", "_cmeta", "_corig", "_mlog", "_mimage", "_pmspare", "_rimage", "_rmeta")
+_RESERVED_PARTS: tuple[str, ...] = (
+    "_cdata",
+    "_cmeta",
+    "_corig",
+    "_mlog",
+    "_mimage",
+    "_pmspare",
+    "_rimage",
+    "_rmeta",
+)
 _RESERVED_PARTS += ("_tdata", "_tmeta", "_vorigin", "_vdata")
 _LV_FIELDS = "lv_name,lv_uuid,lv_size,lv_attr,pool_lv,origin,data_percent,lv_tags,lv_time"
 _POOL_FIELDS = (
