@@ -6,7 +6,7 @@ import json
 import sys
 
 from mortar import __version__
-from mortar.cli import bd, image, mount, nbd, peer, thinpool, volfile, volume, volume_options  # noqa: F401
+from mortar.cli import (  # noqa: F401
     bd,
     bricks,
     heal,

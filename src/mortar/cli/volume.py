@@ -10,6 +10,7 @@ from mortar.cli.remote import api, fetch_text, table
 
 CREATE = (
     "volume create NAME [replica N [arbiter 1]] [stripe N] [disperse N] [transport tcp|unix] "
+    "[device lv [pool-size SIZE] [block-size SIZE] [backend thin|lvm [vg VG thinpool TP]]] "
     "HOST:/PATH... [force]"
 )
 
@@ -42,6 +43,16 @@ def parse_create(args: list[str]) -> dict[str, Any]:
                 raise CliError(f"'{word}' must come before the bricks", status=2)
             key = "disperse" if word in ("disperse-data", "redundancy") else word
             req[key] = _number(word, nxt)
+            i += 2
+        elif word == "device":
+            if nxt != "lv" or req["bricks"]:
+                raise CliError("'device lv' comes before the bricks (the only device type is lv)", status=2)
+            req["device"] = nxt
+            i += 2
+        elif word in ("pool-size", "block-size", "backend", "vg", "thinpool") and "device" in req:
+            if nxt is None:
+                raise CliError(f"{word} needs a value", status=2)
+            req.setdefault("bd_options", {})[word] = nxt
             i += 2
         elif word == "transport":
             if nxt not in ("tcp", "unix", "rdma", "tcp,rdma"):

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from mortar import __version__
-from mortar.mgmt.model import MgmtError
+from mortar.mgmt.bricks_change import BrickChange, count_files
+from mortar.mgmt.model import MgmtError, VolumeInfo
 from mortar.mgmt.openapi import describe
 from mortar.mgmt.store import StoreError, StoreUnavailable
 from mortar.mgmt.volumes import CreateRequest, check_paths, revision_of
@@ -151,16 +152,28 @@ async def internal_bricks(request: web.Request) -> web.Response:
 
 
 async def list_volumes(request: web.Request) -> web.Response:
-    return _ok({"volumes": [v.public() for v in await _node(request).volumes.all()]})
+    node = _node(request)
+    return _ok({"volumes": [await _public(node, v) for v in await node.volumes.all()]})
+
+
+async def _public(node: Node, info: VolumeInfo) -> dict[str, Any]:
+    out = info.public()
+    device = await node.volumes.device(info.name)
+    out["brick_type"] = device.brick_type if device else "posix"
+    if device is not None:
+        out["device"], out["bd_options"] = device.device, device.options
+    return out
 
 
 async def create_volume(request: web.Request) -> web.Response:
-    info = await _node(request).volumes.create(CreateRequest.from_json(await _body(request)))
-    return _ok({"volume": info.public(), "message": "please start the volume to access data"})
+    node = _node(request)
+    info = await node.volumes.create(CreateRequest.from_json(await _body(request)))
+    return _ok({"volume": await _public(node, info), "message": "please start the volume to access data"})
 
 
 async def get_volume(request: web.Request) -> web.Response:
-    return _ok({"volume": (await _node(request).volumes.get(request.match_info["name"])).public()})
+    node = _node(request)
+    return _ok({"volume": await _public(node, await node.volumes.get(request.match_info["name"]))})
 
 
 async def delete_volume(request: web.Request) -> web.Response:
@@ -219,8 +232,15 @@ async def get_volfile(request: web.Request) -> web.StreamResponse:
         if node.closing:
             raise MgmtError("the daemon is stopping; ask another one", 503)
         changed = node.change_event()
-        text = await node.volumes.client_volfile(name)
-        revision = revision_of(text)
+        try:
+            text = await node.volumes.client_volfile(name)
+        except MgmtError as exc:
+            if wait is None or exc.status != 503:
+                raise
+            # a brick just added has no address yet: the client keeps its graph until it has
+            text, revision = "", wait
+        else:
+            revision = revision_of(text)
         headers = {"X-Mortar-Revision": revision}
         if wait is None or revision != wait:
             return web.Response(text=text, content_type="text/plain", headers=headers)
@@ -232,6 +252,107 @@ async def get_volfile(request: web.Request) -> web.StreamResponse:
                 await changed.wait()
         except TimeoutError:
             return web.Response(status=304, headers=headers)
+
+
+# ---- heal ------------------------------------------------------------------------------------------
+
+
+async def heal_volume(request: web.Request) -> web.Response:
+    body = await _body(request)
+    try:
+        timeout = min(float(body.get("timeout", MAX_WAIT)), MAX_WAIT)
+    except (TypeError, ValueError):
+        raise MgmtError("timeout must be a number of seconds") from None
+    return _ok(
+        await _node(request).volumes.heal.trigger(
+            request.match_info["name"], bool(body.get("full")), bool(body.get("wait")), timeout
+        )
+    )
+
+
+async def heal_info(request: web.Request) -> web.Response:
+    heal = _node(request).volumes.heal
+    return _ok(await heal.info(request.match_info["name"], request.query.get("mode", "")))
+
+
+async def heal_statistics(request: web.Request) -> web.Response:
+    return _ok(await _node(request).volumes.heal.statistics(request.match_info["name"]))
+
+
+async def heal_split_brain(request: web.Request) -> web.Response:
+    body = await _body(request)
+    file, source = body.get("file"), body.get("source")
+    return _ok(
+        await _node(request).volumes.heal.split_brain(
+            request.match_info["name"],
+            str(body.get("policy", "")),
+            str(file) if file else None,
+            str(source) if source else None,
+        )
+    )
+
+
+async def internal_shd(request: web.Request) -> web.Response:
+    return _ok(await _node(request).volumes.heal.local(request.match_info["op"], await _body(request)))
+
+
+# ---- bricks changing, long tasks -----------------------------------------------------------------
+
+
+async def add_bricks(request: web.Request) -> web.Response:
+    changes = _node(request).volumes.changes
+    return _ok(await changes.add(request.match_info["name"], BrickChange.from_json(await _body(request))))
+
+
+async def remove_bricks(request: web.Request) -> web.Response:
+    body = await _body(request)
+    changes = _node(request).volumes.changes
+    action = str(body.get("action", ""))
+    return _ok(await changes.remove(request.match_info["name"], action, BrickChange.from_json(body)))
+
+
+async def replace_brick(request: web.Request) -> web.Response:
+    body = await _body(request)
+    old, new = body.get("old"), body.get("new")
+    if not isinstance(old, str) or not isinstance(new, str):
+        raise MgmtError('give {"old": "HOST:/PATH", "new": "HOST:/PATH", "force": true}')
+    changes = _node(request).volumes.changes
+    return _ok(await changes.replace(request.match_info["name"], old, new, bool(body.get("force"))))
+
+
+async def rebalance_volume(request: web.Request) -> web.Response:
+    body = await _body(request)
+    changes = _node(request).volumes.changes
+    return _ok(
+        await changes.rebalance(
+            request.match_info["name"],
+            str(body.get("action", "")),
+            bool(body.get("fix_layout")),
+            bool(body.get("force")),
+        )
+    )
+
+
+async def get_task(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    node = _node(request)
+    await node.volumes.get(name)
+    task = await node.volumes.changes.tasks.get(name)
+    return _ok({"task": task.public() if task else None})
+
+
+async def internal_task_stop(request: web.Request) -> web.Response:
+    body = await _body(request)
+    tasks = _node(request).volumes.changes.tasks
+    task = await tasks.stop(request.match_info["name"], str(body.get("kind", "rebalance")))
+    return _ok({"task": task.to_json().decode()})
+
+
+async def internal_count_files(request: web.Request) -> web.Response:
+    body = await _body(request)
+    paths = [str(p) for p in body.get("paths") or []]
+    counts = await asyncio.gather(*(asyncio.to_thread(count_files, p) for p in paths))
+    return _ok({"files": sum(counts)})
 
 
 async def get_openapi(request: web.Request) -> web.Response:
@@ -379,6 +500,85 @@ ROUTES: list[Route] = [
             "timeout": "longest wait in seconds (default 30, at most 300); 304 when unchanged",
         },
     ),
+    Route(
+        "POST",
+        "/v1/volumes/{name}/heal",
+        heal_volume,
+        "heal now what the indexes list, or crawl everything with full (volume heal)",
+        "heal",
+        body="HealRequest",
+        response="HealResult",
+    ),
+    Route(
+        "GET",
+        "/v1/volumes/{name}/heal/info",
+        heal_info,
+        "per brick, the entries needing heal and those in split-brain (volume heal info)",
+        "heal",
+        response="HealInfo",
+        query={"mode": "'summary' (counts only) or 'split-brain' (only entries in split-brain)"},
+    ),
+    Route(
+        "GET",
+        "/v1/volumes/{name}/heal/statistics",
+        heal_statistics,
+        "each host's recent heal crawls (volume heal statistics)",
+        "heal",
+        response="HealStatistics",
+    ),
+    Route(
+        "POST",
+        "/v1/volumes/{name}/heal/split-brain",
+        heal_split_brain,
+        "resolve split-brain: bigger-file, latest-mtime, latest-ctime, majority or source-brick",
+        "heal",
+        body="SplitBrainRequest",
+        response="SplitBrainResult",
+    ),
+    Route(
+        "POST",
+        "/v1/volumes/{name}/bricks",
+        add_bricks,
+        "add bricks: new replica sets, or a higher replica count (volume add-brick)",
+        "bricks",
+        body="BrickChange",
+        response="StartResult",
+    ),
+    Route(
+        "POST",
+        "/v1/volumes/{name}/bricks/remove",
+        remove_bricks,
+        "remove bricks: start the drain, status, stop, commit [force] (volume remove-brick)",
+        "bricks",
+        body="RemoveBricks",
+        response="TaskResult",
+    ),
+    Route(
+        "POST",
+        "/v1/volumes/{name}/bricks/replace",
+        replace_brick,
+        "put a new empty brick in a replica set; heal fills it (volume replace-brick)",
+        "bricks",
+        body="ReplaceBrick",
+        response="StartResult",
+    ),
+    Route(
+        "POST",
+        "/v1/volumes/{name}/rebalance",
+        rebalance_volume,
+        "start (or fix-layout), stop or ask the status of the rebalance (volume rebalance)",
+        "bricks",
+        body="Rebalance",
+        response="TaskResult",
+    ),
+    Route(
+        "GET",
+        "/v1/volumes/{name}/task",
+        get_task,
+        "the volume's current or last long task (rebalance, remove-brick) with its progress",
+        "bricks",
+        response="TaskResult",
+    ),
     Route("GET", "/v1/openapi.json", get_openapi, "this description", "meta", response="OpenApi"),
     Route(
         "POST",
@@ -406,6 +606,33 @@ ROUTES: list[Route] = [
         "internal",
         body="CheckBricks",
         response="CheckResult",
+    ),
+    Route(
+        "POST",
+        "/v1/internal/shd/{op}",
+        internal_shd,
+        "ask this host's self-heal daemon (heal, info, statistics, split-brain)",
+        "internal",
+        body="ShdRequest",
+        response="ShdAnswer",
+    ),
+    Route(
+        "POST",
+        "/v1/internal/tasks/{name}/stop",
+        internal_task_stop,
+        "stop the long task this host runs for the volume",
+        "internal",
+        body="TaskStop",
+        response="ShdAnswer",
+    ),
+    Route(
+        "POST",
+        "/v1/internal/bricks/count",
+        internal_count_files,
+        "files (not link files) under these local brick paths",
+        "internal",
+        body="CheckBricks",
+        response="FileCount",
     ),
     Route(
         "GET",

@@ -83,6 +83,9 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             "bricks": _list(_ref("Brick")),
             "options": {"type": "object", "additionalProperties": STR},
             "version": INT,
+            "brick_type": {"enum": ["posix", "bd"]},
+            "device": STR,
+            "bd_options": {"type": "object", "additionalProperties": STR},
         },
         ["name", "id", "type", "status", "bricks"],
     ),
@@ -99,6 +102,12 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             "disperse": {**INT, "description": "refused: not available yet"},
             "transport": {"enum": ["tcp", "unix"]},
             "force": BOOL,
+            "device": {"enum": ["lv"], "description": "the bricks are thin pools (storage/bd)"},
+            "bd_options": {
+                "type": "object",
+                "additionalProperties": STR,
+                "description": "pool-size, block-size, backend (thin|lvm), vg, thinpool",
+            },
         },
         ["name", "bricks"],
     ),
@@ -165,6 +174,122 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "Leave": _obj({"endpoints": STRS}),
     "CheckBricks": _obj({"paths": STRS, "force": BOOL}, ["paths"]),
     "CheckResult": _obj({"errors": STRS}, ["errors"]),
+    "HealRequest": _obj(
+        {
+            "full": {**BOOL, "description": "crawl every directory, not only what the indexes list"},
+            "wait": {**BOOL, "description": "answer when the crawls have finished"},
+            "timeout": {**INT, "description": "longest wait in seconds (at most 300)"},
+        }
+    ),
+    "HealCrawl": _obj(
+        {
+            "kind": {"enum": ["index", "full"]},
+            "reason": STR,
+            "start": {"type": "number"},
+            "end": {"type": "number"},
+            "scanned": INT,
+            "healed": INT,
+            "failed": INT,
+            "split_brain": INT,
+            "skipped": INT,
+            "bytes": INT,
+            "bricks": STR,
+            "in_progress": BOOL,
+        }
+    ),
+    "HealResult": _obj(
+        {
+            "volume": STR,
+            "kind": STR,
+            "failed": {"type": "object", "additionalProperties": STR},
+            "crawls": _list(_ref("HealCrawl")),
+        }
+    ),
+    "HealEntry": _obj({"gfid": STR, "path": STR, "split_brain": STRS, "conflicts": STRS}),
+    "HealBrick": _obj(
+        {
+            "index": INT,
+            "brick": STR,
+            "status": STR,
+            "count": {"type": ["integer", "null"]},
+            "split_brain_count": INT,
+            "pending_count": INT,
+            "entries": _list(_ref("HealEntry")),
+        }
+    ),
+    "HealInfo": _obj({"volume": STR, "mode": STR, "bricks": _list(_ref("HealBrick"))}),
+    "HealStatistics": _obj(
+        {"volume": STR, "hosts": _list(_obj({"host": STR, "error": STR, "crawls": _list(_ref("HealCrawl"))}))}
+    ),
+    "SplitBrainRequest": _obj(
+        {
+            "policy": {"enum": ["bigger-file", "latest-mtime", "latest-ctime", "majority", "source-brick"]},
+            "file": {**STR, "description": "a path in the volume or gfid:UUID (optional with source-brick)"},
+            "source": {**STR, "description": "HOST:/PATH of the brick to take as the source"},
+        },
+        ["policy"],
+    ),
+    "SplitBrainResult": _obj(
+        {"volume": STR, "resolved": _list(_obj({"file": STR, "gfid": STR, "source": STR}))}
+    ),
+    "BrickChange": _obj(
+        {
+            "bricks": {**STRS, "description": "HOST:/PATH; consecutive bricks form replica sets"},
+            "replica": {**INT, "description": "the new replica count (raising it adds copies)"},
+            "arbiter": INT,
+            "force": BOOL,
+        },
+        ["bricks"],
+    ),
+    "RemoveBricks": _obj(
+        {
+            "action": {"enum": ["start", "status", "stop", "commit"]},
+            "bricks": STRS,
+            "replica": INT,
+            "force": {**BOOL, "description": "commit before the drain completed (files left are lost)"},
+        },
+        ["action"],
+    ),
+    "ReplaceBrick": _obj({"old": STR, "new": STR, "force": BOOL}, ["old", "new"]),
+    "Rebalance": _obj(
+        {"action": {"enum": ["start", "status", "stop"]}, "fix_layout": BOOL, "force": BOOL}, ["action"]
+    ),
+    "Task": _obj(
+        {
+            "id": STR,
+            "kind": {"enum": ["rebalance", "fix-layout", "remove-brick"]},
+            "volume": STR,
+            "host": STR,
+            "state": {"enum": ["starting", "running", "completed", "stopped", "failed"]},
+            "error": STR,
+            "bricks": STRS,
+            "files_scanned": INT,
+            "files_moved": INT,
+            "bytes_moved": INT,
+            "files_skipped": INT,
+            "files_failed": INT,
+            "dirs_fixed": INT,
+            "skipped": {"type": "object", "additionalProperties": INT},
+            "failed": {"type": "object", "additionalProperties": INT},
+            "files": _list(_obj({"path": STR, "status": STR, "reason": STR, "detail": STR})),
+            "remaining": {"type": "object", "additionalProperties": INT},
+            "drained": BOOL,
+            "elapsed": {"type": "number"},
+            "started": {"type": "number"},
+        }
+    ),
+    "TaskResult": _obj(
+        {
+            "task": {"oneOf": [_ref("Task"), {"type": "null"}]},
+            "volume": _ref("Volume"),
+            "files_left": INT,
+            "message": STR,
+        }
+    ),
+    "TaskStop": _obj({"kind": STR}),
+    "FileCount": _obj({"files": INT}),
+    "ShdRequest": _obj({"volume": STR}, ["volume"]),
+    "ShdAnswer": {"type": "object", "description": "the heal daemon's answer to the operation"},
     "OpenApi": {"type": "object", "description": "this document"},
 }
 

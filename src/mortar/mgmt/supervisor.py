@@ -19,7 +19,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -334,6 +334,8 @@ class Supervisor:
         self.publish = publish
         self.on_created = on_created
         self.bricks: dict[tuple[str, str], BrickProcess] = {}
+        #: detached with the bricks when mortard stops (the self-heal daemon's keeper)
+        self.companions: list[Callable[[], Awaitable[None]]] = []
         self._lock = asyncio.Lock()
 
     async def ensure(self, wanted: list[BrickRun]) -> None:
@@ -345,6 +347,11 @@ class Supervisor:
             await asyncio.gather(*(p.stop() for p in stopping))
             for key, run in want.items():
                 current = self.bricks.get(key)
+                if current is not None and current.run.index != run.index:
+                    # the brick moved in the volume (remove-brick commit): its server name changed
+                    del self.bricks[key]
+                    await current.stop()
+                    current = None
                 if current is None:
                     self.bricks[key] = p = BrickProcess(self, run)
                     p.start()
@@ -362,5 +369,5 @@ class Supervisor:
 
     async def detach_all(self) -> None:
         async with self._lock:
-            await asyncio.gather(*(p.detach() for p in self.bricks.values()))
+            await asyncio.gather(*(p.detach() for p in self.bricks.values()), *(c() for c in self.companions))
             self.bricks.clear()

@@ -62,6 +62,8 @@ def _key(key: str, xlator: str, option: str) -> VolumeOption:
 
 AUTH_ALLOW = "auth.allow"
 CLIENT_IO_THREADS = "performance.client-io-threads"
+SELF_HEAL_DAEMON = "cluster.self-heal-daemon"
+SHD_KEYS = frozenset({SELF_HEAL_DAEMON, "cluster.heal-timeout", "cluster.shd-max-threads"})
 
 TABLE: dict[str, VolumeOption] = {
     k.key: k
@@ -99,6 +101,24 @@ TABLE: dict[str, VolumeOption] = {
         _key("cluster.data-self-heal", "cluster/replicate", "data-self-heal"),
         _key("cluster.metadata-self-heal", "cluster/replicate", "metadata-self-heal"),
         _key("cluster.entry-self-heal", "cluster/replicate", "entry-self-heal"),
+        VolumeOption(
+            SELF_HEAL_DAEMON,
+            "mgmt/shd",
+            "enabled",
+            Option("bool", True, "run the self-heal daemon for this volume on the hosts of its bricks"),
+        ),
+        VolumeOption(
+            "cluster.heal-timeout",
+            "mgmt/shd",
+            "heal-timeout",
+            Option("int", 600, "seconds between the self-heal daemon's index crawls", 1, 86400),
+        ),
+        VolumeOption(
+            "cluster.shd-max-threads",
+            "mgmt/shd",
+            "max-threads",
+            Option("int", 1, "replica sets the self-heal daemon heals at once on a host", 1, 64),
+        ),
         _key("cluster.lookup-unhashed", "cluster/distribute", "lookup-unhashed"),
         _key("cluster.min-free-disk", "cluster/distribute", "min-free-disk"),
         _key("cluster.weighted-rebalance", "cluster/distribute", "weighted-rebalance"),
@@ -176,6 +196,8 @@ def apply(desc: VolumeDescription, options: Mapping[str, str]) -> None:
         entry = TABLE.get(key)
         if entry is None:
             continue  # a key a newer or older build knew; it cannot be applied here
+        if key in SHD_KEYS:
+            continue  # the heal daemon reads these from the volume's options, not from a volfile
         if key == AUTH_ALLOW:
             desc.auth_allow = value
         elif key == CLIENT_IO_THREADS:

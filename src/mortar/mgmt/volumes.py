@@ -20,6 +20,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mortar.mgmt import hosts, volopts
+from mortar.mgmt.bdvol import DeviceRecord, check_bd_options, device_key
+from mortar.mgmt.bricks_change import BricksChange
+from mortar.mgmt.heal import Heal
 from mortar.mgmt.model import (
     VOLUMES,
     BrickInfo,
@@ -33,6 +36,7 @@ from mortar.mgmt.model import (
     info_key,
     portmap_key,
 )
+from mortar.mgmt.shdctl import ShdManager, wants_shd
 from mortar.mgmt.store import Compare, Delete, DeletePrefix, LockHandle, Put, Store, StoreUnavailable
 from mortar.mgmt.supervisor import BrickRun
 from mortar.mgmt.volgen import Brick, VolumeDescription, brick_volfile, client_volfile
@@ -55,6 +59,9 @@ class CreateRequest:
     disperse: int | None = None
     transport: str = "tcp"
     force: bool = False
+    #: "lv": the bricks are thin pools served by storage/bd (`volume create ... device lv`)
+    device: str | None = None
+    bd_options: dict[str, str] | None = None
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> CreateRequest:
@@ -71,6 +78,8 @@ class CreateRequest:
                 disperse=number("disperse"),
                 transport=str(data.get("transport") or "tcp"),
                 force=bool(data.get("force", False)),
+                device=None if data.get("device") is None else str(data["device"]),
+                bd_options={str(k): str(v) for k, v in (data.get("bd_options") or {}).items()},
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise MgmtError(f"bad volume create request: {exc!r}") from None
@@ -85,6 +94,14 @@ def revision_of(text: str) -> str:
 class Volumes:
     def __init__(self, node: Node) -> None:
         self.node = node
+        api_host = "127.0.0.1" if node.listen in ("0.0.0.0", "::", "") else node.listen
+        api_host = f"[{api_host}]" if ":" in api_host else api_host
+        #: this host's self-heal daemon, wanted while a started replicated volume has bricks here
+        self.shd = ShdManager(node.workdir, node.logdir, node.uuid, f"{api_host}:{node.port}")
+        self.heal = Heal(node)
+        #: add/remove/replace-brick and the long tasks (rebalance, remove-brick drain)
+        self.changes = BricksChange(node, f"{api_host}:{node.port}")
+        node.supervisor.companions += [self.shd.detach, self.changes.tasks.close]
 
     # ---- reading -------------------------------------------------------------------------------
 
@@ -93,6 +110,11 @@ class Volumes:
         return sorted(
             (VolumeInfo.from_json(v) for k, v in items.items() if k.endswith("/info")), key=lambda v: v.name
         )
+
+    async def device(self, name: str) -> DeviceRecord | None:
+        """The block-device facts of a `device lv` volume, None for directory bricks."""
+        raw = await self.node.store().get(device_key(name))
+        return DeviceRecord.from_json(raw) if raw is not None else None
 
     async def get(self, name: str) -> VolumeInfo:
         raw = await self.node.store().get(info_key(name))
@@ -143,6 +165,10 @@ class Volumes:
             raise MgmtError(f"volume {name} is not started", 409)
         ports = await self.ports(info)
         desc = self.description(info, ports)
+        drained = self.changes.decommissioned(await self.changes.tasks.get(name))
+        if drained:
+            dht = desc.xlator_options.setdefault("cluster/distribute", {})
+            dht["decommissioned-bricks"] = " ".join(drained)
         for i, brick in enumerate(desc.bricks):
             if (info.transport == "tcp" and not brick.port) or (
                 info.transport == "unix" and not brick.socket_path
@@ -158,16 +184,20 @@ class Volumes:
         """The bricks this node should be running, with their volfiles (what reconcile enforces)."""
         items = await self.node.store().get_prefix(VOLUMES)
         runs: list[BrickRun] = []
-        for key, raw in items.items():
-            if not key.endswith("/info"):
-                continue
-            info = VolumeInfo.from_json(raw)
+        infos = [VolumeInfo.from_json(raw) for key, raw in items.items() if key.endswith("/info")]
+        self.shd.set_wanted(any(wants_shd(info.public(), self.node.uuid) for info in infos))
+        await self.changes.tasks.adopt(items)
+        for info in infos:
             if info.status != "Started":
                 continue
             mine = [i for i, b in enumerate(info.bricks) if b.peer == self.node.uuid]
             if not mine:
                 continue
             desc = self.description(info, {})
+            device_raw = items.get(device_key(info.name))
+            if device_raw is not None:
+                device = DeviceRecord.from_json(device_raw)
+                desc.brick_type, desc.bd_options = device.brick_type, dict(device.options)
             for i in mine:
                 b = info.bricks[i]
                 socket = self.socket_path(info.name, b.path) if info.transport == "unix" else ""
@@ -237,6 +267,13 @@ class Volumes:
             raise MgmtError("arbiter is supported only as 'replica 3 arbiter 1'")
         if not req.bricks:
             raise MgmtError("a volume needs at least one brick")
+        device: DeviceRecord | None = None
+        if req.device is not None:
+            if req.device != "lv":
+                raise MgmtError(f"device {req.device!r} is not supported (use 'device lv')")
+            device = DeviceRecord(options=check_bd_options(req.bd_options or {}))
+        elif req.bd_options:
+            raise MgmtError("pool options need 'device lv'")
         if len(req.bricks) % replica:
             raise MgmtError(
                 f"the number of bricks ({len(req.bricks)}) is not a multiple of the replica count ({replica})"
@@ -260,6 +297,8 @@ class Volumes:
             await self._check_on_hosts(bricks, owners, req.force)
             info = VolumeInfo.new(name, bricks, replica, arbiter, req.transport)
             await self._write(store, handle, info, new=True)
+            if device is not None:
+                await store.put(device_key(name), device.to_json())
         log.info("volume %s created (%s, %d bricks)", name, info.type, len(bricks))
         return info
 
