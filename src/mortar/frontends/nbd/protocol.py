@@ -172,6 +172,7 @@ _ALLOWED_FLAGS: dict[int, int] = {  # plain ints: `~` on an IntFlag would keep o
     Cmd.DISC: _ALL,
 }
 _KNOWN_COMMANDS = frozenset(int(c) for c in Cmd)
+_DF = int(CmdFlag.DF)  # `int & IntFlag` costs ~1 µs on Python 3.11, once per request
 
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
@@ -633,7 +634,7 @@ class ServerConnection:
         if flags & ~_ALLOWED_FLAGS[cmd]:
             return EINVAL
         if cmd == Cmd.READ:
-            if (flags & CmdFlag.DF and not self.structured) or req.length > self.max_payload:
+            if (flags & _DF and not self.structured) or req.length > self.max_payload:
                 return EINVAL
             return EINVAL if end > export.size else 0
         if cmd in (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES):

@@ -28,6 +28,12 @@ from mortar.frontends.nbd.backend import ExportBackend, ExportProvider
 log = logging.LoggerAdapter(logging.getLogger(__name__), {"xlator": "nbd"})
 
 SOCKET_BUFFER = 2 * 1024 * 1024
+#: replies at least this large are written as their own piece, never joined into a batch
+LARGE_PIECE = 64 * 1024
+# flags as plain ints: `int & IntFlag` costs ~1 µs on Python 3.11, once per request
+_FUA, _NO_HOLE, _FAST_ZERO, _REQ_ONE = (
+    int(f) for f in (p.CmdFlag.FUA, p.CmdFlag.NO_HOLE, p.CmdFlag.FAST_ZERO, p.CmdFlag.REQ_ONE)
+)
 
 
 def _tune_socket(sock: socket.socket | None) -> None:
@@ -124,6 +130,9 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._disconnect = False
         self._timer: asyncio.TimerHandle | None = None
         self._scratch = bytearray(4096)
+        self._out: list[bytes | memoryview] = []  # replies queued in this loop iteration
+        self._flush_handle: asyncio.Handle | None = None
+        self._vectored = False  # transport.writelines sends pieces without joining them (uvloop)
         self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()  # backend closed
 
     # -- asyncio callbacks ------------------------------------------------------------------
@@ -131,6 +140,7 @@ class NbdConnection(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
         self._transport = transport
+        self._vectored = type(transport).__module__.startswith("uvloop")
         sock = transport.get_extra_info("socket")
         _tune_socket(sock)
         peer = transport.get_extra_info("peername")
@@ -196,6 +206,7 @@ class NbdConnection(asyncio.BufferedProtocol):
     def close(self) -> None:
         self._closing = True
         if self._transport is not None:
+            self._flush()
             self._transport.close()
 
     def _violation(self, exc: Exception) -> None:
@@ -262,8 +273,9 @@ class NbdConnection(asyncio.BufferedProtocol):
 
     def _flush_handshake(self) -> None:
         out = self.nbd.data_to_send()
-        if out and self._transport is not None and not self._transport.is_closing():
-            self._transport.write(out)
+        if out:
+            self._queue(out)
+            self._flush()  # handshake replies leave at once (and after any queued reply)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], size: int = 0) -> None:
         """Run one piece of work (a request, an option) as a task counted against the limits."""
@@ -357,9 +369,44 @@ class NbdConnection(asyncio.BufferedProtocol):
         self.close()
 
     def _send(self, data: bytes) -> None:
+        self._queue(data)
+
+    def _queue(self, *pieces: bytes | memoryview) -> None:
+        """Queue reply pieces; all queued in one loop iteration leave in one write at its end.
+
+        With 32 small requests in flight a write syscall per reply cost more than serving the
+        request (measured: ~18% of the server's time for 4 KiB reads).
+        """
         transport = self._transport
-        if transport is not None and not transport.is_closing():
-            transport.write(data)
+        if transport is None or transport.is_closing():
+            return
+        self._out.extend(pieces)
+        if self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        out, self._out = self._out, []
+        transport = self._transport
+        if not out or transport is None or transport.is_closing():
+            return
+        if self._vectored:
+            transport.writelines(out)
+            return
+        # asyncio's transports join writelines (Python < 3.12): join only the small pieces
+        small: list[bytes | memoryview] = []
+        for piece in out:
+            if memoryview(piece).nbytes < LARGE_PIECE:
+                small.append(piece)
+                continue
+            if small:
+                transport.write(b"".join(small))
+                small = []
+            transport.write(piece)
+        if small:
+            transport.write(b"".join(small))
 
     async def _serve(self, req: p.Request) -> None:
         backend = self.backend
@@ -375,9 +422,12 @@ class NbdConnection(asyncio.BufferedProtocol):
                 transport = self._transport
                 if transport is not None and not transport.is_closing():
                     header = nbd.reply_read(req.cookie, req.offset, n)
-                    transport.writelines((header, data) if n else (header,))
+                    if n:
+                        self._queue(header, data)  # type: ignore[arg-type]
+                    else:
+                        self._queue(header)
                 return
-            fua = bool(req.flags & p.CmdFlag.FUA)
+            fua = bool(req.flags & _FUA)
             if cmd == p.Cmd.WRITE:
                 assert req.data is not None
                 if req.length:
@@ -392,8 +442,8 @@ class NbdConnection(asyncio.BufferedProtocol):
                         await backend.flush()
             elif cmd == p.Cmd.WRITE_ZEROES:
                 if req.length:
-                    may_trim = not req.flags & p.CmdFlag.NO_HOLE
-                    fast = bool(req.flags & p.CmdFlag.FAST_ZERO)
+                    may_trim = not req.flags & _NO_HOLE
+                    fast = bool(req.flags & _FAST_ZERO)
                     await backend.zero(req.length, req.offset, may_trim, fast)
                     if fua:
                         await backend.flush()
@@ -402,7 +452,7 @@ class NbdConnection(asyncio.BufferedProtocol):
                     await backend.cache(req.length, req.offset)
             elif cmd == p.Cmd.BLOCK_STATUS:
                 extents = await backend.block_status(req.length, req.offset)
-                req_one = bool(req.flags & p.CmdFlag.REQ_ONE)
+                req_one = bool(req.flags & _REQ_ONE)
                 self._send(nbd.reply_block_status(req.cookie, p.clip_extents(extents, req.length, req_one)))
                 return
             self._send(nbd.reply_ok(req.cookie))

@@ -95,6 +95,41 @@ def readv(b: Brick, pfd: PosixFd, size: int, offset: int) -> ReadReply:
     return ReadReply(data, make_iatt(pfd.gfid, os.fstat(pfd.fd)))
 
 
+#: reads up to this size first try the page cache from the event loop (readv_cached)
+CACHED_READ_MAX = 128 << 10
+_RWF_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)
+
+
+@translate_errors
+def readv_cached(b: Brick, pfd: PosixFd, size: int, offset: int) -> ReadReply | None:
+    """A small read served from the page cache without blocking, or None if it would block.
+
+    Called on the event loop: the hop to an I/O thread and back costs more than a cached 4 KiB read
+    (measured ~18% of a brick's loop time). `RWF_NOWAIT` makes the kernel answer EAGAIN instead of
+    waiting for the disk; a short read that is not the end of the file also means part was not
+    cached. Either way the caller falls back to `readv` in the pool.
+    """
+    global _RWF_NOWAIT
+    flag = _RWF_NOWAIT
+    if flag is None or pfd.direct or not 0 < size <= CACHED_READ_MAX or offset < 0:
+        return None
+    buf = bytearray(size)
+    try:
+        n = os.preadv(pfd.fd, [buf], offset, flag)
+    except OSError as exc:
+        if exc.errno == errno.EAGAIN:
+            return None
+        if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS):
+            _RWF_NOWAIT = None  # not supported here (old kernel or file system): stop trying
+        return None  # anything else: the pool's read reports it
+    st = os.fstat(pfd.fd)
+    if n < size:
+        if offset + n < st.st_size:
+            return None  # partly cached: the pool reads the rest
+        return ReadReply(bytes(memoryview(buf)[:n]), make_iatt(pfd.gfid, st))
+    return ReadReply(bytes(buf), make_iatt(pfd.gfid, st))  # bytes, as the pool's os.pread gives
+
+
 def _pwrite_all(fd: int, data: Buffer, offset: int, direct: bool) -> None:
     view = memoryview(data).cast("B") if not isinstance(data, bytes) else memoryview(data)
     if direct and len(view):
