@@ -285,7 +285,7 @@ def test_replace_brick_and_raising_the_replica_count_are_healed(node: Mortard, t
 @pytest.mark.skipif(not HAVE_AFR, reason="needs cluster/replicate")
 @pytest.mark.xfail(
     reason="dht_migrate over cluster/replicate: every migration fails (fsetxattr refused, client quorum "
-    "not met; changelog ESTALE on the source set) - the engine is being written; reported",
+    "not met; changelog ESTALE on the source set); open issue",
     strict=False,
 )
 def test_replica3_gains_a_second_set_and_rebalances_under_writes(node: Mortard, tmp_path: Path) -> None:
