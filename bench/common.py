@@ -22,20 +22,29 @@ BIN = Path(sys.executable).parent
 
 @dataclass
 class Cell:
-    """One measured figure: the median of `runs`, with min and max kept."""
+    """One measured figure: the median of `runs`, with min and max kept.
+
+    `job_min`/`job_max` hold, per run, the slowest and fastest of the parallel jobs (the seed's
+    Min BW and Max BW columns); `note` says why a cell has no runs (pending, n/a, failed)."""
 
     row: str
     job: str
     unit: str
     runs: list[float] = field(default_factory=list)
+    job_min: list[float] = field(default_factory=list)
+    job_max: list[float] = field(default_factory=list)
+    note: str = ""
+    #: other figures per run, e.g. "wall": qemu-img's rate including process start and exit
+    extra: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def median(self) -> float:
-        return statistics.median(self.runs)
+        return statistics.median(self.runs) if self.runs else float("nan")
 
     def as_dict(self) -> dict[str, object]:
         d = asdict(self)
-        d.update(median=self.median, min=min(self.runs), max=max(self.runs))
+        if self.runs:
+            d.update(median=self.median, min=min(self.runs), max=max(self.runs))
         return d
 
 
@@ -113,12 +122,12 @@ def markdown_table(cells: list[Cell], base_row: str) -> str:
         parts = []
         for job in jobs:
             c = index.get((row, job))
-            if c is None:
-                parts.append("")
+            if c is None or not c.runs:
+                parts.append(c.note if c is not None else "")
                 continue
             text = f"{c.median:,.0f} {c.unit} ({min(c.runs):,.0f}-{max(c.runs):,.0f})"
             base = index.get((base_row, job))
-            if base is not None and row != base_row and base.median:
+            if base is not None and base.runs and row != base_row and base.median:
                 text += f" **{c.median / base.median:.2f}x**"
             parts.append(text)
         out.append(f"| {row} | " + " | ".join(parts) + " |")

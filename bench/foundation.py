@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -136,15 +137,18 @@ async def _mortar_jobs(volfile: Path, size: int, reps: int, seconds: float) -> l
 def run(size_mib: int = 1024, reps: int = 3, seconds: float = 5.0, profile: str | None = None) -> list[Cell]:
     size = size_mib * MIB
     work = bench_dir()
-    local = work / "local.bin"
-    row = "local disk (os.pwrite/os.pread)"
-    cells = [
-        repeat(row, "seq write 1M", "MiB/s", reps, lambda: _local_write(local, size)),
-        repeat(row, "seq read 1M cold", "MiB/s", reps, lambda: _local_read(local, size, True)),
-        repeat(row, "seq read 1M warm", "MiB/s", reps, lambda: _local_read(local, size, False)),
-        repeat(row, "rand read 4K QD32", "IOPS", reps, lambda: _local_randread(local, size, seconds)),
-    ]
-    local.unlink()
-    with brick_process(work, profile) as volfile:
-        cells += uvloop.run(_mortar_jobs(volfile, size, reps, seconds))
-    return cells
+    try:
+        local = work / "local.bin"
+        row = "local disk (os.pwrite/os.pread)"
+        cells = [
+            repeat(row, "seq write 1M", "MiB/s", reps, lambda: _local_write(local, size)),
+            repeat(row, "seq read 1M cold", "MiB/s", reps, lambda: _local_read(local, size, True)),
+            repeat(row, "seq read 1M warm", "MiB/s", reps, lambda: _local_read(local, size, False)),
+            repeat(row, "rand read 4K QD32", "IOPS", reps, lambda: _local_randread(local, size, seconds)),
+        ]
+        local.unlink()
+        with brick_process(work, profile) as volfile:
+            cells += uvloop.run(_mortar_jobs(volfile, size, reps, seconds))
+        return cells
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # the brick's data: nothing to keep
