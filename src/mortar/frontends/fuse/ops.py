@@ -293,7 +293,14 @@ class MortarOperations(pyfuse3.Operations):
         parent = self.inodes.get(parent_inode)
         loc = self._entry_loc(parent, name)
         reply = await self.top.symlink(os.fsdecode(target), loc, 0, _gfid_req())
-        return self._entry(reply.iatt, parent)[1]
+        attrs = self._entry(reply.iatt, parent)[1]
+        if not stat.S_ISLNK(reply.iatt.mode):
+            # storage/bd answers a symlink with a snapshot, a regular file; the kernel insists that
+            # a symlink reply describe a symlink, so describe one that expires at once: the next
+            # lookup shows the object as it is
+            attrs.st_mode = stat.S_IFLNK | 0o777
+            attrs.entry_timeout = attrs.attr_timeout = 0
+        return attrs
 
     @handler
     async def link(
