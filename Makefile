@@ -29,7 +29,7 @@ stop:
 test: setup
 	$(PY) -m pytest -q
 
-# the seed's full table, mortar beside GlusterFS 10 and the local disk (~35 min on 2 cores);
+# the seed's full table, mortar beside GlusterFS 10 and the local disk (~36 min on 2 cores);
 # `make bench BENCH_ARGS=--quick` checks everything end to end in a few minutes (see bench/README.md)
 bench: setup $(STAMPS)/bench
 	$(PY) bench/run.py $(BENCH_ARGS)
