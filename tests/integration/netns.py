@@ -10,10 +10,15 @@ at `close()`. Needs root and `ip`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.integration.harness import Mortard, kill_all_under
 
 
 def available() -> bool:
@@ -87,3 +92,18 @@ class Lab:
             _ip("link", "del", self._outer(i), check=False)  # takes its peer inside with it
             _ip("netns", "del", self.ns(i), check=False)
         _ip("link", "del", self.bridge, check=False)
+
+
+@contextlib.contextmanager
+def three_mortards(base: Path) -> Iterator[tuple[Lab, list[Mortard]]]:
+    """Three namespaces with a mortard each (port 24100), all stopped and cleaned up at the end."""
+    started: list[Mortard] = []
+    with Lab(3) as lab:
+        try:
+            for i in (1, 2, 3):
+                started.append(Mortard(base, f"n{i}", addr=lab.addr(i), port=24100, netns=lab.ns(i)).start())
+            yield lab, started
+        finally:
+            for node in started:
+                node.stop()
+            kill_all_under(base)

@@ -14,7 +14,7 @@ import pytest
 from mortar.client import Volume
 from tests.integration import netns
 from tests.integration.afr import HAVE_AFR
-from tests.integration.harness import Mortard, kill_all_under, wait_for
+from tests.integration.harness import Mortard, wait_for
 
 pytestmark = [
     pytest.mark.integration,
@@ -26,17 +26,8 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[netns.Lab, list[Mortard]]]:
-    base = tmp_path_factory.mktemp("netns")
-    started: list[Mortard] = []
-    with netns.Lab(3) as lab:
-        try:
-            for i in (1, 2, 3):
-                started.append(Mortard(base, f"n{i}", addr=lab.addr(i), port=24100, netns=lab.ns(i)).start())
-            yield lab, started
-        finally:
-            for node in started:
-                node.stop()
-            kill_all_under(base)
+    with netns.three_mortards(tmp_path_factory.mktemp("netns")) as lab_and_nodes:
+        yield lab_and_nodes
 
 
 def test_host_cut_off_and_back(hosts: tuple[netns.Lab, list[Mortard]]) -> None:
