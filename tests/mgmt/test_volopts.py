@@ -118,3 +118,4 @@ def test_shipped_virt_group() -> None:
     assert virt["cluster.data-self-heal-algorithm"] == "full"
     assert virt["performance.io-thread-count"] == "32"
     assert virt["performance.client-io-threads"] == "on"
+    assert virt["storage.o-direct"] == "on"  # O_DIRECT from QEMU reaches the disk, as in GlusterFS's

@@ -13,6 +13,8 @@ KNOWN_TYPES: dict[str, str] = {
     "protocol/client": "mortar.xlators.protocol.client:ClientTranslator",
     "protocol/server": "mortar.xlators.protocol.server:ServerTranslator",
     "performance/io-threads": "mortar.xlators.performance.io_threads:IoThreadsTranslator",
+    "performance/md-cache": "mortar.xlators.performance.md_cache:MdCacheTranslator",
+    "performance/nl-cache": "mortar.xlators.performance.nl_cache:NlCacheTranslator",
     "debug/io-stats": "mortar.xlators.debug.io_stats:IoStatsTranslator",
     "features/locks": "mortar.xlators.features.locks:LocksTranslator",
     "features/index": "mortar.xlators.features.index:IndexTranslator",

@@ -62,6 +62,8 @@ def _key(key: str, xlator: str, option: str) -> VolumeOption:
 
 AUTH_ALLOW = "auth.allow"
 CLIENT_IO_THREADS = "performance.client-io-threads"
+STAT_PREFETCH = "performance.stat-prefetch"
+NL_CACHE = "performance.nl-cache"
 SELF_HEAL_DAEMON = "cluster.self-heal-daemon"
 SHD_KEYS = frozenset({SELF_HEAL_DAEMON, "cluster.heal-timeout", "cluster.shd-max-threads"})
 
@@ -90,6 +92,20 @@ TABLE: dict[str, VolumeOption] = {
             "thread-count",
             Option("bool", False, "put performance/io-threads in the client graph too"),
         ),
+        VolumeOption(
+            STAT_PREFETCH,
+            "performance/md-cache",
+            "md-cache-timeout",
+            Option("bool", True, "put performance/md-cache (client attribute cache) in the client graph"),
+        ),
+        _key("performance.md-cache-timeout", "performance/md-cache", "md-cache-timeout"),
+        VolumeOption(
+            NL_CACHE,
+            "performance/nl-cache",
+            "timeout",
+            Option("bool", True, "put performance/nl-cache (negative lookup cache) in the client graph"),
+        ),
+        _key("performance.nl-cache-timeout", "performance/nl-cache", "timeout"),
         _key("cluster.quorum-type", "cluster/replicate", "quorum-type"),
         _key("cluster.quorum-count", "cluster/replicate", "quorum-count"),
         _key("cluster.eager-lock", "cluster/replicate", "eager-lock"),
@@ -202,6 +218,10 @@ def apply(desc: VolumeDescription, options: Mapping[str, str]) -> None:
             desc.auth_allow = value
         elif key == CLIENT_IO_THREADS:
             desc.client_io_threads = bool(entry.parse(value))
+        elif key == STAT_PREFETCH:
+            desc.md_cache = bool(entry.parse(value))
+        elif key == NL_CACHE:
+            desc.nl_cache = bool(entry.parse(value))
         else:
             desc.xlator_options.setdefault(entry.xlator, {})[entry.option] = value
 

@@ -22,6 +22,7 @@ from mortar.xlators.features.index import (
     DIRTY_COUNT_KEY,
     INDEX_DIRTY_GFID,
     INDEX_XATTROP_GFID,
+    LINK_BASE,
     IndexTranslator,
 )
 
@@ -94,6 +95,30 @@ async def test_pending_counter_adds_and_clears(brick: IndexTranslator, brick_dir
     assert await listing(brick, INDEX_XATTROP_GFID) == []
     assert await count(brick) == 0
     await brick.release(fd)
+
+
+async def test_entries_are_links_to_one_base_file(brick: IndexTranslator, brick_dir: Path) -> None:
+    """An entry is a hard link (no inode of its own); a base file removed behind the brick's back is
+    made again."""
+    indices = brick_dir / ".mortar" / "indices"
+    made = []
+    for name in ("a", "b"):
+        gfid, fd = await new_file(brick, name)
+        await brick.fxattrop(fd, ADD, {DIRTY: counters(1)})
+        made.append((gfid, fd))
+    base = os.stat(indices / LINK_BASE)
+    assert {os.stat(indices / "dirty" / g.canonical).st_ino for g, _ in made} == {base.st_ino}
+    assert base.st_nlink == 3
+    os.unlink(indices / LINK_BASE)
+    gfid, fd = await new_file(brick, "c")
+    await brick.fxattrop(fd, ADD, {DIRTY: counters(1)})
+    made.append((gfid, fd))
+    assert on_disk(brick_dir, "dirty") == {g.canonical for g, _ in made}
+    for _, f in made:
+        await brick.fxattrop(f, ADD, {DIRTY: counters(-1)})
+        await brick.release(f)
+    assert on_disk(brick_dir, "dirty") == set()
+    assert os.stat(indices / LINK_BASE).st_nlink == 1
 
 
 async def test_dirty_goes_to_its_own_index(brick: IndexTranslator, brick_dir: Path) -> None:

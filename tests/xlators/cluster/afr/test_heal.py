@@ -115,6 +115,7 @@ async def test_full_crawl_restores_copies_lost_without_markers(make_cluster: Mak
     # an administrator removed things on one brick behind the volume's back: nothing records it
     os.unlink(cl.bricks[2].path("victim"))
     shutil.rmtree(cl.bricks[2].path("dir"))
+    await cl.afr.txn.entries.settle(list(cl.afr.txn.entries.batches))  # this client's batches end
     assert (await heal_index(cl.afr)).scanned == 0  # the index knows nothing
     assert not cl.bricks[2].path("victim").exists()
     stats = await heal_full(cl.afr)

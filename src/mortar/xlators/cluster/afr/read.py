@@ -34,7 +34,7 @@ from mortar.core.fops import (
     XdataReply,
 )
 from mortar.core.gfid import Gfid
-from mortar.core.translator import Translator
+from mortar.core.translator import Event, Translator
 from mortar.xlators.cluster.afr.base import ReplicateBase, gfid_loc
 from mortar.xlators.cluster.afr.changelog import DATA, ENTRY, KIND_NAMES, METADATA
 from mortar.xlators.cluster.afr.heal import BackgroundHealer, heal_gfid, heal_name
@@ -66,6 +66,15 @@ class ReplicateReads(ReplicateBase):
 
     def child_changed(self, i: int, up: bool) -> None:
         self.txn.child_changed(i, up)
+
+    def notify(self, event: Event, source: Any, data: Any = None) -> None:
+        # open eager entry batches end (dirty lowered, lock given back) before the children hear
+        # that the graph goes down and close their connections
+        if event is Event.PARENT_DOWN and self.txn.entries.defer(
+            lambda: ReplicateBase.notify(self, event, source, data)
+        ):
+            return
+        super().notify(event, source, data)
 
     async def fini(self) -> None:
         await self.txn.close()
