@@ -27,7 +27,7 @@ from mortar.core.translator import Translator
 from mortar.xlators.cluster.dht import DistributeTranslator
 from mortar.xlators.cluster.dht_common import VOL_COMMIT_XATTR
 from mortar.xlators.cluster.dht_layout import Layout, LayoutRange, hashed_subvol
-from mortar.xlators.cluster.dht_migrate import FileToMove
+from mortar.xlators.cluster.dht_migrator import FileToMove
 from mortar.xlators.cluster.dht_rebalance import Rebalance, RebalanceStatus
 from mortar.xlators.features.locks import LocksTranslator
 from mortar.xlators.storage.posix import PosixTranslator

@@ -14,11 +14,11 @@ import stat
 import pytest
 
 from mortar.core.errors import FopError
-from mortar.core.fops import AttrSet, Loc, SeekWhat, SetAttrValid
+from mortar.core.fops import AttrSet, Fd, Loc, SeekWhat, SetAttrValid
 from mortar.xlators.cluster.dht import DistributeTranslator
 from mortar.xlators.cluster.dht_common import MIGRATE_DOMAIN, MIGRATING_XATTR
 from mortar.xlators.cluster.dht_layout import LINKTO_XATTR, decode_linkto
-from mortar.xlators.cluster.dht_migrate import FileMigration, FileToMove
+from mortar.xlators.cluster.dht_migrator import FileMigration, FileToMove
 from mortar.xlators.cluster.dht_rebalance import Rebalance, migrate_file
 from mortar.xlators.features.locks import DUMP_KEY
 
@@ -227,25 +227,54 @@ async def test_a_migrator_that_died_in_phase_one_is_redone(
 async def test_a_switch_cut_short_after_its_commit_point_is_finished(
     volume: Volume, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The switch fails after the commit point, before the source looks like a link file: the
+    destination is the file for every client, and the next crawl drops the source."""
     dht, name, model = await misplaced_file(volume, 2 * MiB, seed=5)
     src_sub = volume.subvols[0]
-    real_unlink = src_sub.unlink
+    real_fsetattr = src_sub.fsetattr
 
-    async def failing_unlink(*args: object, **kwargs: object) -> object:
-        raise FopError(errno.EIO, "disk error")
+    async def failing_link_mode(fd: Fd, attr: AttrSet, xdata: object = None) -> object:
+        if attr.valid & SetAttrValid.MODE and attr.mode == stat.S_ISVTX:
+            raise FopError(errno.EIO, "disk error")
+        return await real_fsetattr(fd, attr)
 
-    monkeypatch.setattr(src_sub, "unlink", failing_unlink)
+    monkeypatch.setattr(src_sub, "fsetattr", failing_link_mode)
     outcome = await migrate_file(dht, Loc("/", ROOT), name)
     assert outcome.status == "failed" and outcome.reason == "EIO"
     assert volume.placement(name) == {"vol-locks-0": "data", "vol-locks-1": "data"}
     reader = await volume.client()
     assert await read_file(reader, ROOT, name) == bytes(model)  # the destination is the file now
-    monkeypatch.setattr(src_sub, "unlink", real_unlink)
+    monkeypatch.setattr(src_sub, "fsetattr", real_fsetattr)
 
     # lookups find the destination, so only a crawl sees the source left behind: rebalance does
     status = await Rebalance(await volume.client()).run()
     assert status.state == "completed" and status.files_moved == 1 and status.files_scanned == 1
     assert volume.placement(name) == {"vol-locks-1": "data"}
+    assert await read_file(await volume.client(), ROOT, name) == bytes(model)
+
+
+async def test_the_source_becomes_a_link_file_before_it_loses_its_name(
+    volume: Volume, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replica set cannot change an inode that has no name left, so the source is made a link
+    file (linkto, mode, empty) while it still has its name; an unlink that then fails leaves only a
+    stale link file that lookups step over."""
+    dht, name, model = await misplaced_file(volume, 2 * MiB, seed=7)
+    src_sub = volume.subvols[0]
+    src_path = brick_dir(volume.posix[0]) / name
+    seen: list[tuple[int, int, bytes]] = []
+
+    async def failing_unlink(*args: object, **kwargs: object) -> object:
+        st = os.stat(src_path)
+        seen.append((st.st_mode & 0o7777, st.st_size, os.getxattr(src_path, LINKTO_XATTR)))
+        raise FopError(errno.EIO, "disk error")
+
+    monkeypatch.setattr(src_sub, "unlink", failing_unlink)
+    outcome = await migrate_file(dht, Loc("/", ROOT), name)
+    assert outcome.status == "failed" and outcome.reason == "EIO"
+    assert seen and seen[0][:2] == (stat.S_ISVTX, 0) and decode_linkto(seen[0][2]) == "vol-locks-1"
+    assert MIGRATING_XATTR not in os.listxattr(src_path)
+    assert volume.placement(name) == {"vol-locks-0": "link->vol-locks-1", "vol-locks-1": "data"}
     assert await read_file(await volume.client(), ROOT, name) == bytes(model)
 
 

@@ -69,7 +69,7 @@ from mortar.xlators.cluster.dht_common import (
     migration_bit,
 )
 from mortar.xlators.cluster.dht_layout import COMMIT_FRESH, LINKTO_XATTR
-from mortar.xlators.cluster.dht_migrate import FULL, MigrationClient, hide_change
+from mortar.xlators.cluster.dht_migrate import FULL, FdReplay, MigrationClient
 
 _T = TypeVar("_T")
 _COOKIE_LIMIT = 1 << 63
@@ -104,9 +104,14 @@ class DistributeTranslator(MigrationClient):
             rep = await self.lookup(Loc(loc.path, None, loc.pargfid, loc.name, loc.inode, loc.parent))
             if rep.iatt.is_dir:
                 raise FopError(errno.EISDIR, f"{loc.path} is a directory") from None
-            ctx, _ = await self._resolve(Loc(loc.path, rep.iatt.gfid, inode=loc.inode))
-            target = ctx.cached or self.children[0]
-            await target.open(Loc(loc.path, rep.iatt.gfid), keep, fd, xdata)
+            opened: list[Translator] = []
+
+            async def open_on(child: Translator) -> None:  # again where it is if it just moved
+                await child.open(Loc(loc.path, rep.iatt.gfid), keep, fd, xdata)
+                opened.append(child)
+
+            await self._route(Loc(loc.path, rep.iatt.gfid, inode=loc.inode), open_on)
+            target = opened[-1]
             fd.ctx[self] = FileFd(target, keep)
             if flags & os.O_TRUNC:
                 target = await self._after_trunc_open(fd, target)
@@ -584,8 +589,7 @@ class DistributeTranslator(MigrationClient):
     async def _fd_xattr(self, fd: Fd, call: XattrCall, again: XattrCall) -> XdataReply:
         if isinstance(fd.ctx.get(self), DirFd):
             return await self._fd_route(fd, call)
-        sub = await self._fd_target(fd)
-        rep = await call(sub)
+        rep, sub = await self._on_fd(fd, await self._fd_target(fd), call)
         if await self._meta_moved(sub, fd.gfid, fd, ""):
             rep = await again(await self._reopen(fd, sub))
         return rep
@@ -593,7 +597,7 @@ class DistributeTranslator(MigrationClient):
     async def readv(self, fd: Fd, size: int, offset: int, flags: int, xdata: Xdata = None) -> ReadReply:
         ffd = fd.ctx.get(self)
         sub = ffd.subvol if isinstance(ffd, FileFd) else await self._fd_target(fd)
-        rep = await sub.readv(fd, size, offset, flags, xdata)
+        rep, sub = await self._on_fd(fd, sub, lambda c: c.readv(fd, size, offset, flags, xdata))
         if not migration_bit(rep.iatt):
             return rep
         new = await self._reread(fd, sub, rep.iatt)
@@ -603,25 +607,21 @@ class DistributeTranslator(MigrationClient):
 
     async def writev(self, fd: Fd, data: Buffer, offset: int, flags: int, xdata: Xdata = None) -> ChangeReply:
         ffd = fd.ctx.get(self)
-        sub = ffd.subvol if isinstance(ffd, FileFd) else await self._fd_target(fd)
-        rep = await sub.writev(fd, data, offset, flags, xdata)
-        if not migration_bit(rep.post):
-            return rep
+        append = isinstance(ffd, FileFd) and bool(ffd.flags & os.O_APPEND)
         size = memoryview(data).nbytes
-        at = offset
-        if isinstance(ffd, FileFd) and ffd.flags & os.O_APPEND and rep.post is not None:
-            at = rep.post.size - size  # where the append landed
 
-        async def again(c: Translator, f: Fd) -> None:
-            await c.writev(f, data, at, 0)
+        def plan(rep: ChangeReply) -> tuple[tuple[int, int], FdReplay]:
+            at = rep.post.size - size if append and rep.post is not None else offset  # where it landed
 
-        if await self._cooperate(sub, fd.gfid, fd, (at, max(size, 1)), self._fd_apply(fd, sub, again)):
-            rep = await (await self._reopen(fd, sub)).writev(fd, data, offset, flags, xdata)
-        return hide_change(rep)
+            async def again(c: Translator, f: Fd) -> None:
+                await c.writev(f, data, at, 0)
+
+            return (at, max(size, 1)), again
+
+        return await self._fd_change(fd, lambda c: c.writev(fd, data, offset, flags, xdata), plan)
 
     async def fstat(self, fd: Fd, xdata: Xdata = None) -> AttrReply:
-        sub = await self._fd_target(fd)
-        rep = await sub.fstat(fd, xdata)
+        rep, sub = await self._on_fd(fd, await self._fd_target(fd), lambda c: c.fstat(fd, xdata))
         new = await self._reread(fd, sub, rep.iatt) if migration_bit(rep.iatt) else None
         if new is not None:
             rep = await new.fstat(fd, xdata)

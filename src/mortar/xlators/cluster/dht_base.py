@@ -30,12 +30,14 @@ from mortar.core.inode import Inode
 from mortar.core.options import Option
 from mortar.core.translator import Event, Translator
 from mortar.xlators.cluster.dht_common import (
+    MIGRATING_XATTR,
     STALE,
     VOL_COMMIT_XATTR,
     DhtCtx,
     as_root,
     gather_fops,
     hide_migration,
+    holds_data,
     is_linkfile,
     linkfile_mode,
     linkto_of,
@@ -486,7 +488,8 @@ class DhtBase(Translator):
     def _lookup_req(self, xdata: Xdata) -> tuple[dict[str, Any], list[str] | None]:
         asked = list(xdata["xattrs"]) if xdata and "xattrs" in xdata else None
         req = dict(xdata or {})
-        req["xattrs"] = [*(asked or []), *(k for k in (LAYOUT_XATTR, LINKTO_XATTR) if k not in (asked or []))]
+        own = (LAYOUT_XATTR, LINKTO_XATTR, MIGRATING_XATTR)
+        req["xattrs"] = [*(asked or []), *(k for k in own if k not in (asked or []))]
         return req, asked
 
     @staticmethod
@@ -506,13 +509,13 @@ class DhtBase(Translator):
         rep = await child.lookup(loc, dict(req))
         if call_context.get().uid == 0 or not (rep.iatt.is_dir or is_linkfile(rep.iatt)):
             return rep
-        key = LAYOUT_XATTR if rep.iatt.is_dir else LINKTO_XATTR
+        keys = [LAYOUT_XATTR] if rep.iatt.is_dir else [LINKTO_XATTR, MIGRATING_XATTR]
         with as_root():
-            again = await child.lookup(Loc(loc.path, rep.iatt.gfid), {"xattrs": [key]})
-        found = wanted_xattrs(again.xdata).get(key)
-        if found is not None:
+            again = await child.lookup(Loc(loc.path, rep.iatt.gfid), {"xattrs": keys})
+        found = {k: v for k, v in wanted_xattrs(again.xdata).items() if k in keys}
+        if found:
             xdata = dict(rep.xdata or {})
-            xdata["xattrs"] = {**wanted_xattrs(rep.xdata), key: found}
+            xdata["xattrs"] = {**wanted_xattrs(rep.xdata), **found}
             rep.xdata = xdata
         return rep
 
@@ -530,9 +533,11 @@ class DhtBase(Translator):
         if rep.iatt.is_dir:
             return await self._lookup_dir(loc, req, asked, {id(hashed): rep})
         target = linkto_of(rep)
-        if target is None:
+        if target is None and holds_data(rep):
             self._remember(rep.iatt, loc.inode, cached=hashed)
             return self._answer(rep, asked)
+        if target is None:  # a link file being made (a migration starting): the data is elsewhere
+            return await self._lookup_everywhere(loc, req, asked, hashed)
         cached = self._by_name.get(target)
         if cached is not None:
             try:
@@ -541,7 +546,7 @@ class DhtBase(Translator):
                 if exc.errno not in STALE:
                     raise
             else:
-                if data.iatt.gfid == rep.iatt.gfid and linkto_of(data) is None:
+                if data.iatt.gfid == rep.iatt.gfid and holds_data(data):
                     self._remember(data.iatt, loc.inode, cached=cached)
                     return self._answer(data, asked)
         self.log.info("%s: stale link file on %s (to %s), looking everywhere", loc.path, hashed.name, target)
@@ -557,9 +562,7 @@ class DhtBase(Translator):
         if any(r.iatt.is_dir for r in found.values()):
             return await self._lookup_dir(loc, req, asked, found)
         data = [
-            (c, r)
-            for c, r in zip(children, res, strict=True)
-            if isinstance(r, EntryReply) and linkto_of(r) is None
+            (c, r) for c, r in zip(children, res, strict=True) if isinstance(r, EntryReply) and holds_data(r)
         ]
         links = [
             (c, r) for c, r in zip(children, res, strict=True) if isinstance(r, EntryReply) and linkto_of(r)
@@ -595,7 +598,7 @@ class DhtBase(Translator):
                 if exc.errno not in STALE:
                     raise
             else:
-                if linkto_of(rep) is None:
+                if holds_data(rep):
                     return self._answer(rep, asked)
         children = self.up_children()
         res = await gather_fops(self._child_lookup(c, loc, req) for c in children)
@@ -603,7 +606,7 @@ class DhtBase(Translator):
         if any(r.iatt.is_dir for r in found.values()):
             return await self._lookup_dir(loc, req, asked, found)
         for child, r in zip(children, res, strict=True):
-            if isinstance(r, EntryReply) and linkto_of(r) is None:
+            if isinstance(r, EntryReply) and holds_data(r):
                 self._remember(r.iatt, loc.inode, cached=child)
                 return self._answer(r, asked)
         self._forget(loc.gfid or NULL_GFID, loc.inode)
@@ -764,6 +767,22 @@ class DhtBase(Translator):
         best = max(self._live(self.up_children()), key=lambda c: self._free(c)[1])
         return best if self._free(best)[1] > avail else hashed
 
+    async def _undrained(self, loc: Loc, layout: Layout) -> Translator:
+        """Where a new file goes when its name hashes to a subvolume being drained (a layout cached
+        or written before remove-brick started): where the rebalance's new layout of the directory
+        will hash it, so it needs no move; a link file on the drained one serves older layouts."""
+        live = self._live(self.children)
+        assert loc.pargfid is not None  # _parent checked it
+        plan = plan_layout(
+            layout,
+            [c.name for c in live],
+            await self._weights(live),
+            commit_hash=layout.commit_hash,
+            zero=[c.name for c in self.children if c not in live],
+            start=rotation_start(loc.pargfid.canonical, len(live)),
+        )
+        return self.hashed_for(plan, loc.name) or live[0]
+
     async def _place(
         self,
         loc: Loc,
@@ -773,10 +792,14 @@ class DhtBase(Translator):
     ) -> tuple[EntryReply, Translator]:
         """Create an entry on its hashed subvolume, or (full) elsewhere behind a link file."""
         gfid = self._gfid_req(loc, xdata)
-        _, hashed = await self._parent(loc)
-        target = await self._placement(hashed) if spill else hashed
+        layout, hashed = await self._parent(loc)
+        if hashed.name in self._decommissioned:
+            target = await self._undrained(loc, layout)
+        else:
+            target = await self._placement(hashed) if spill else hashed
         if target is not hashed:
-            self.log.info("%s: %s is below min-free-disk, placing on %s", loc.path, hashed.name, target.name)
+            self.log.info("%s: %s is drained or below min-free-disk, placing on %s", loc.path, hashed.name,
+                          target.name)  # fmt: skip
             await self.make_linkfile(hashed, loc, gfid, target)
             try:
                 rep = await make(target)

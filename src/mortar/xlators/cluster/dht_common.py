@@ -139,6 +139,15 @@ def linkto_of(rep: EntryReply) -> str | None:
     return decode_linkto(raw) if raw else None
 
 
+def holds_data(rep: EntryReply) -> bool:
+    """A lookup reply (asked for the linkto and marker xattrs) that is the file's data: neither a
+    link file nor one being made (mknod gives it its mode, a setxattr its linkto a moment later; a
+    file under migration whose permission bits are 0 has that mode too, and carries the marker)."""
+    if linkto_of(rep) is not None:
+        return False
+    return not is_linkfile(rep.iatt) or MIGRATING_XATTR in wanted_xattrs(rep.xdata)
+
+
 async def gather_fops(calls: Iterable[Awaitable[_T]]) -> list[_T | FopError]:
     """Run fops on several subvolumes at once; each result is the reply or the FopError it raised
     (any other exception is a bug and propagates). The calls become tasks at once, so a cancelled

@@ -1,6 +1,6 @@
-"""Migration of one file between subvolumes while it stays readable and writable: both halves of
-the protocol, the migrator's (`FileMigration`, run by rebalance) and every client's
-(`MigrationClient`, the base of cluster/distribute's file fops).
+"""Migration of one file between subvolumes while it stays readable and writable: the protocol, and
+every client's half of it (`MigrationClient`, the base of cluster/distribute's file fops); the
+migrator's half (`FileMigration`, run by rebalance) is in `dht_migrator`.
 
 The migrator (GlusterFS's protocol, with its races closed):
 1. takes `dht.file.migrate` on the source (write, non-blocking): one migrator per file; rename
@@ -13,8 +13,10 @@ The migrator (GlusterFS's protocol, with its races closed):
 4. copies the data in 1 MiB chunks, two in flight, skipping holes (seek data/hole), each chunk
    under a write lock on its range;
 5. switches under a full write lock: checks the names, copies xattrs, owner, fsyncs, then makes
-   the destination the file (its mode: the commit point) with its times; the source loses its
-   name, gets a linkto, a link file's mode (`---------T`) and is truncated.
+   the destination the file (its mode: the commit point) with its times; the source gets a
+   linkto, a link file's mode (`---------T`), is truncated and, once the writes of every client
+   are settled (a replica set's changelog work addresses the inode by gfid, which a brick resolves
+   only while the file has a name), loses its name.
 A failure before the commit point undoes phase 1 (the source is the file, the destination an
 empty link file again); a crash leaves markers that the next run finishes or restarts from.
 
@@ -28,7 +30,11 @@ idempotent). A write that came back without the bit landed before the marker and
 before any copy. Metadata changed in phase 1 is copied by the switch (one that raced the switch
 sees phase 2 and is repeated); chmod takes the read lock first so a migrating file keeps its
 sticky bit. Reads and fstat that see a link file's mode (an fd left on the truncated source)
-reopen and read again. A repetition that fails (the destination is full) removes the marker: the
+reopen and read again; so does any fop that finds the inode gone (ESTALE: a replica set cannot
+address a source that lost its name) when the file did move. A change made again where the file
+went may meet that place's own migration, and cooperates with it the same way. Lookups take a link
+file whose linkto is not written yet (mknod and setxattr are two steps) for a link file, not for an
+empty file. A repetition that fails (the destination is full) removes the marker: the
 migrator abandons the file at its switch and the write stands on the source.
 So a file written during its own migration ends with what was written, and no fd goes stale.
 """
@@ -38,15 +44,13 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-import posixpath
 import stat
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, replace
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import TypeVar
 
 from mortar.core.errors import FopError
 from mortar.core.fops import (
-    GFID_REQ,
     AttrSet,
     ChangeReply,
     Fd,
@@ -54,10 +58,8 @@ from mortar.core.fops import (
     Loc,
     LockCmd,
     LockType,
-    SeekWhat,
-    SetAttrValid,
 )
-from mortar.core.gfid import ROOT_GFID, Gfid
+from mortar.core.gfid import Gfid
 from mortar.core.iatt import Iatt
 from mortar.core.translator import Translator
 from mortar.xlators.cluster.dht_base import DhtBase
@@ -65,7 +67,6 @@ from mortar.xlators.cluster.dht_common import (
     COPYING,
     DATA_DOMAIN,
     IDLE,
-    MIGRATE_DOMAIN,
     MIGRATING_XATTR,
     MOVED,
     STALE,
@@ -74,23 +75,19 @@ from mortar.xlators.cluster.dht_common import (
     FileFd,
     ReplayFd,
     as_root,
-    copyable_xattr,
-    encode_marker,
     first_ok,
     gather_fops,
     hide_migration,
     is_linkfile,
-    linkto_of,
     marker_target,
     migration_bit,
-    wanted_xattrs,
 )
-from mortar.xlators.cluster.dht_layout import LINKTO_XATTR, encode_linkto
+from mortar.xlators.cluster.dht_layout import LINKTO_XATTR
 
 _T = TypeVar("_T")
-CHUNK = 1 << 20
 _OPEN_ONLY = os.O_CREAT | os.O_EXCL | os.O_TRUNC
 FULL = (0, 0)  # a lock range: the whole file
+_HOPS = 4  # moves one change follows (each a migration that finished while the change was made)
 
 #: repeats a change on the destination (subvolume, fd opened there for this fd's migration)
 FdReplay = Callable[[Translator, Fd], Awaitable[object]]
@@ -266,6 +263,22 @@ class MigrationClient(DhtBase):
     async def _moved(self, sub: Translator, fd: Fd) -> bool:
         return (await self.probe(sub, fd.gfid, fd))[0] == MOVED
 
+    async def _on_fd(
+        self, fd: Fd, sub: Translator, call: Callable[[Translator], Awaitable[_T]]
+    ) -> tuple[_T, Translator]:
+        """`call` on the subvolume `fd` is open on; if that says the inode is gone there (a replica set
+        cannot address a file that lost its last name: the source of a finished migration), and the
+        file did move, reopen `fd` where it is now and call again. Returns the reply and where."""
+        try:
+            return await call(sub), sub
+        except FopError as exc:
+            if exc.errno not in STALE or isinstance(fd.ctx.get(self), DirFd):
+                raise
+            if not await self._moved(sub, fd):
+                raise
+        new = await self._reopen(fd, sub)
+        return await call(new), new
+
     # ---- routing of file fops, and the changes that met a migration ---------------------------
 
     def _first_up(self) -> Translator:
@@ -374,14 +387,20 @@ class MigrationClient(DhtBase):
         self, fd: Fd, call: Callable[[Translator], Awaitable[ChangeReply]], plan: Plan = no_replay
     ) -> ChangeReply:
         """A change through an fd; if it met a migration, repeat it on the destination or, the file
-        having moved, reopen the fd where it is now and make the change there."""
-        sub = await self._fd_target(fd)
-        rep = await call(sub)
-        if migration_bit(rep.post):
+        having moved, reopen the fd where it is now and make the change there (where it may meet the
+        next migration: the fd was left on a link file, or the file moves on)."""
+        rep, sub = await self._on_fd(fd, await self._fd_target(fd), call)
+        if not migration_bit(rep.post):
+            return rep
+        for _ in range(_HOPS):
             rng, op = plan(rep)
             apply = self._fd_apply(fd, sub, op) if op is not None else None
-            if await self._cooperate(sub, fd.gfid, fd, rng, apply):
-                rep = await call(await self._reopen(fd, sub))
+            if not await self._cooperate(sub, fd.gfid, fd, rng, apply):
+                break
+            sub = await self._reopen(fd, sub)
+            rep = await call(sub)
+            if not migration_bit(rep.post):
+                break
         return hide_change(rep)
 
     async def _reread(self, fd: Fd, sub: Translator, iatt: Iatt | None) -> Translator | None:
@@ -392,403 +411,4 @@ class MigrationClient(DhtBase):
         return await self._reopen(fd, sub)
 
 
-# ---- the migrator's half ----------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class FileToMove:
-    """One file to migrate: its name, and the subvolume it is on and the one it hashes to."""
-
-    parent: Gfid
-    dirpath: str
-    name: str
-    gfid: Gfid
-    src: Translator
-    dst: Translator
-
-    @property
-    def path(self) -> str:
-        return posixpath.join(self.dirpath, self.name)
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What became of one file: "moved", "skipped" or "failed" (with a short `reason` key and a
-    `detail` for people), "gone" (removed or renamed meanwhile) or "in-place"."""
-
-    status: str
-    reason: str = ""
-    detail: str = ""
-    bytes: int = 0
-
-
-#: called at each step ("chunk" after each copied chunk with its offset, "switch" before the switch)
-StepHook = Callable[[str, FileToMove, int], Awaitable[None]]
-
-
-class _Abandon(Exception):
-    def __init__(self, outcome: Outcome) -> None:
-        super().__init__(outcome.detail or outcome.status)
-        self.outcome = outcome
-
-
-class FileMigration:
-    """Moves one file from `job.src` to `job.dst` (see the module docstring for the protocol)."""
-
-    def __init__(
-        self,
-        dht: DhtBase,
-        job: FileToMove,
-        *,
-        force: bool = False,
-        inflight: int = 2,
-        hook: StepHook | None = None,
-        reserved: dict[str, int] | None = None,
-    ) -> None:
-        self.dht = dht
-        self.job = job
-        self.force = force
-        self.inflight = max(1, inflight)
-        self.hook = hook
-        #: bytes other migrations in flight are about to write, per destination (space checks)
-        self.reserved = reserved if reserved is not None else {}
-        self.owner = os.urandom(8)
-        self.marker = encode_marker(job.dst.name, os.urandom(8))
-        self.copied = 0
-        self._sfd = Fd(job.gfid, os.O_RDWR)
-        self._dfd = Fd(job.gfid, os.O_RDWR)
-        self._opened: list[tuple[Translator, Fd]] = []
-        self._marked = False
-        self._committed = False
-        self._leftover = False  # the source carries a marker from an earlier, interrupted migration
-
-    @property
-    def _gloc(self) -> Loc:
-        return Loc(self.job.path, self.job.gfid)
-
-    @property
-    def _nloc(self) -> Loc:
-        return Loc(self.job.path, pargfid=self.job.parent, name=self.job.name)
-
-    async def run(self) -> Outcome:
-        job = self.job
-        with as_root(lk_owner=self.owner):
-            try:
-                await job.src.inodelk(MIGRATE_DOMAIN, self._gloc, LockCmd.SETLK, Flock(LockType.WRLCK))
-            except FopError as exc:
-                if exc.errno == errno.EAGAIN:
-                    return Outcome("skipped", "busy", "another migration or a rename holds the file")
-                if exc.errno == errno.ENOSYS:
-                    return Outcome("skipped", "no-locks", f"{job.src.name} has no features/locks")
-                if exc.errno in STALE:
-                    return Outcome("gone")
-                return Outcome("failed", errno.errorcode.get(exc.errno, "error"), str(exc))
-            try:
-                return await self._migrate()
-            except _Abandon as ab:
-                return ab.outcome
-            except FopError as exc:
-                self.dht.log.warning("%s: migration to %s failed: %s", job.path, job.dst.name, exc)
-                return Outcome("failed", errno.errorcode.get(exc.errno, "error"), str(exc), self.copied)
-            finally:
-                for sub, fd in reversed(self._opened):
-                    try:
-                        await sub.release(fd)
-                    except FopError as exc:
-                        self.dht.log.debug("release on %s: %s", sub.name, exc)
-                try:
-                    await job.src.inodelk(MIGRATE_DOMAIN, self._gloc, LockCmd.SETLK, Flock(LockType.UNLCK))
-                except FopError as exc:
-                    self.dht.log.warning("%s: releasing the migration lock: %s", job.path, exc)
-
-    async def _migrate(self) -> Outcome:
-        job = self.job
-        iatt = await self._check_source()
-        if not iatt.is_reg:
-            return await self._move_special(iatt)
-        need = iatt.blocks * 512
-        await self._check_space(need)
-        self.reserved[job.dst.name] = self.reserved.get(job.dst.name, 0) + need
-        try:
-            await self._prepare_destination()
-            try:
-                await self._mark()
-                size = (await job.src.fstat(self._sfd)).iatt.size
-                await job.dst.ftruncate(self._dfd, size)
-                await self._copy(size)
-                if self.hook is not None:
-                    await self.hook("switch", job, self.copied)
-                await self._switch()
-            except BaseException:
-                if not self._committed:
-                    await self._abort()
-                raise
-        finally:
-            self.reserved[job.dst.name] -= need
-        self.dht._forget(job.gfid)
-        return Outcome("moved", bytes=self.copied)
-
-    async def _check_source(self) -> Iatt:
-        try:
-            rep = await self.job.src.lookup(self._nloc, {"xattrs": [LINKTO_XATTR, MIGRATING_XATTR]})
-        except FopError as exc:
-            if exc.errno in STALE:
-                raise _Abandon(Outcome("gone")) from None
-            raise
-        if rep.iatt.gfid != self.job.gfid or linkto_of(rep) is not None:
-            raise _Abandon(Outcome("gone"))
-        if rep.iatt.is_dir:
-            raise _Abandon(Outcome("skipped", "directory", "a directory is not migrated"))
-        if rep.iatt.nlink > 1:
-            raise _Abandon(Outcome("skipped", "hardlinks", f"{rep.iatt.nlink} names on {self.job.src.name}"))
-        self._leftover = MIGRATING_XATTR in wanted_xattrs(rep.xdata)
-        return rep.iatt
-
-    async def _check_space(self, need: int) -> None:
-        dst = self.job.dst
-        sv = (await dst.statfs(Loc("/", ROOT_GFID))).statvfs
-        avail = sv.bavail * sv.frsize - self.reserved.get(dst.name, 0)
-        total = sv.blocks * sv.frsize
-        if need > avail:
-            raise _Abandon(
-                Outcome(
-                    "skipped", "space", f"{dst.name} has {max(avail, 0)} bytes free, the file needs {need}"
-                )
-            )
-        floor = self.dht.opts["min-free-disk"]
-        if not self.force and total and (avail - need) * 100 < floor * total:
-            raise _Abandon(
-                Outcome("skipped", "space", f"{dst.name} would fall below min-free-disk ({floor:g}%)")
-            )
-
-    async def _open(self, sub: Translator, fd: Fd) -> None:
-        await sub.open(self._gloc, os.O_RDWR, fd)
-        self._opened.append((sub, fd))
-
-    async def _prepare_destination(self) -> None:
-        """The destination as a link file back to the source, both opened, the destination empty."""
-        job = self.job
-        try:
-            cur = await job.dst.lookup(self._nloc, {"xattrs": [LINKTO_XATTR]})
-        except FopError as exc:
-            if exc.errno != errno.ENOENT:
-                raise
-        else:
-            if cur.iatt.gfid != job.gfid and linkto_of(cur) is None:
-                raise _Abandon(
-                    Outcome("skipped", "conflict", f"{job.dst.name} holds another file of this name")
-                )
-            if cur.iatt.gfid == job.gfid and not is_linkfile(cur.iatt):
-                if not self._leftover:  # not of our making: touch neither copy
-                    raise _Abandon(Outcome("skipped", "conflict", f"its data is also on {job.dst.name}"))
-                await self._finish_interrupted()
-        await self.dht.make_linkfile(job.dst, self._nloc, job.gfid, job.src)
-        await self._open(job.dst, self._dfd)
-        await self._open(job.src, self._sfd)
-        await job.dst.ftruncate(self._dfd, 0)  # whatever an abandoned attempt left
-
-    async def _finish_interrupted(self) -> None:
-        """A switch that died after the commit point: the destination is the file; drop the source."""
-        self.dht.log.info("%s: finishing an interrupted migration to %s", self.job.path, self.job.dst.name)
-        await self.job.src.unlink(self._nloc, 0)
-        raise _Abandon(Outcome("moved", detail="finished an interrupted migration"))
-
-    async def _lock(self, kind: int, off: int = 0, length: int = 0) -> None:
-        cmd = LockCmd.SETLK if kind == LockType.UNLCK else LockCmd.SETLKW
-        await self.job.src.finodelk(DATA_DOMAIN, self._sfd, cmd, Flock(kind, off, length))
-
-    async def _unlock(self, off: int = 0, length: int = 0) -> None:
-        try:
-            await self._lock(LockType.UNLCK, off, length)
-        except FopError as exc:
-            self.dht.log.warning("%s: unlocking [%d, +%d): %s", self.job.path, off, length, exc)
-
-    async def _mark(self) -> None:
-        """Phase 1, then wait out the writes that started before it."""
-        src, sfd = self.job.src, self._sfd
-        await self._lock(LockType.WRLCK)
-        try:
-            await src.fsetxattr(sfd, {MIGRATING_XATTR: self.marker}, 0)
-            self._marked = True
-            mode = (await src.fstat(sfd)).iatt.mode
-            await src.fsetattr(sfd, AttrSet(SetAttrValid.MODE, mode=(mode & 0o7777) | stat.S_ISVTX))
-        finally:
-            await self._unlock()
-        drain = src.name  # a replica set's data transactions lock this domain: their end is ours to see
-        await src.finodelk(drain, sfd, LockCmd.SETLKW, Flock(LockType.WRLCK))
-        await src.finodelk(drain, sfd, LockCmd.SETLK, Flock(LockType.UNLCK))
-
-    async def _data_from(self, pos: int, end: int) -> tuple[int, int] | None:
-        """The first data extent of the source within [pos, end), holes skipped (no hole
-        information: all of it)."""
-        src, sfd = self.job.src, self._sfd
-        try:
-            start = (await src.seek(sfd, pos, SeekWhat.DATA)).offset
-            if start >= end:
-                return None
-            return start, min((await src.seek(sfd, start, SeekWhat.HOLE)).offset, end)
-        except FopError as exc:
-            if exc.errno == errno.ENXIO:
-                return None
-            if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):
-                raise
-            return pos, end
-
-    async def _extents(self, size: int) -> AsyncIterator[tuple[int, int]]:
-        """(offset, length) of the chunks to copy: 1 MiB pieces of the source's data extents."""
-        pos = 0
-        while (found := await self._data_from(pos, size)) is not None:
-            start, end = found
-            for off in range(start, end, CHUNK):
-                yield off, min(CHUNK, end - off)
-            pos = max(end, pos + 1)
-
-    async def _copy(self, size: int) -> None:
-        pending: set[asyncio.Task[None]] = set()
-        try:
-            async for off, n in self._extents(size):
-                if len(pending) >= self.inflight:
-                    done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                    for task in done:
-                        task.result()
-                pending.add(asyncio.create_task(self._chunk(off, n)))
-            if pending:
-                done, pending = await asyncio.wait(pending)
-                for task in done:
-                    task.result()
-        finally:
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-
-    async def _chunk(self, off: int, n: int) -> None:
-        """Copy one chunk under its lock, looking for holes again (a client may have punched one)."""
-        await self._lock(LockType.WRLCK, off, n)
-        try:
-            pos, end = off, off + n
-            while pos < end and (found := await self._data_from(pos, end)) is not None:
-                start, stop = found
-                data = (await self.job.src.readv(self._sfd, stop - start, start, 0)).data
-                if len(data):
-                    await self.job.dst.writev(self._dfd, data, start, 0)
-                self.copied += len(data)
-                if len(data) < stop - start:
-                    break  # the end of the file
-                pos = stop
-        finally:
-            await self._unlock(off, n)
-        if self.hook is not None:
-            await self.hook("chunk", self.job, off)
-
-    async def _switch(self) -> None:
-        job, src, dst, sfd, dfd = self.job, self.job.src, self.job.dst, self._sfd, self._dfd
-        await self._lock(LockType.WRLCK)
-        try:
-            await self._check_names()
-            try:
-                marker = (await src.fgetxattr(sfd, MIGRATING_XATTR)).xattrs.get(MIGRATING_XATTR)
-            except FopError as exc:
-                if exc.errno != errno.ENODATA:
-                    raise
-                marker = None
-            if marker != self.marker:
-                raise _Abandon(Outcome("failed", "cancelled", "a client could not repeat a write there"))
-            st = (await src.fstat(sfd)).iatt
-            if (await dst.fstat(dfd)).iatt.size != st.size:
-                await dst.ftruncate(dfd, st.size)
-            await self._copy_xattrs()
-            await dst.fsetattr(dfd, AttrSet(SetAttrValid.UID | SetAttrValid.GID, uid=st.uid, gid=st.gid))
-            await dst.fsync(dfd, 0)
-            self._committed = True
-            await dst.fsetattr(dfd, AttrSet(SetAttrValid.MODE, mode=st.mode & 0o7777 & ~stat.S_ISVTX))
-            await self._remove(dst, dfd, LINKTO_XATTR)
-            times = SetAttrValid.ATIME | SetAttrValid.MTIME
-            await dst.fsetattr(dfd, AttrSet(times, atime_ns=st.atime_ns, mtime_ns=st.mtime_ns))
-            await src.unlink(self._nloc, 0)
-            await src.fsetxattr(sfd, {LINKTO_XATTR: encode_linkto(dst.name)}, 0)
-            await self._remove(src, sfd, MIGRATING_XATTR)
-            await src.fsetattr(sfd, AttrSet(SetAttrValid.MODE, mode=stat.S_ISVTX))
-            await src.ftruncate(sfd, 0)
-        finally:
-            await self._unlock()
-        self.dht.log.info("%s: moved from %s to %s (%d bytes)", job.path, src.name, dst.name, self.copied)
-
-    async def _check_names(self) -> None:
-        """The name still means this file on both sides, with no other name (a hard link) made."""
-        for sub in (self.job.src, self.job.dst):
-            try:
-                cur = await sub.lookup(self._nloc)
-            except FopError as exc:
-                if exc.errno in STALE:
-                    raise _Abandon(Outcome("gone")) from None
-                raise
-            if cur.iatt.gfid != self.job.gfid:
-                raise _Abandon(Outcome("gone"))
-            if sub is self.job.src and cur.iatt.nlink > 1:
-                raise _Abandon(Outcome("skipped", "hardlinks", "a hard link was made during the migration"))
-
-    async def _copy_xattrs(self) -> None:
-        src, dst = self.job.src, self.job.dst
-        want = {k: v for k, v in (await src.fgetxattr(self._sfd, None)).xattrs.items() if copyable_xattr(k)}
-        have = (await dst.fgetxattr(self._dfd, None)).xattrs
-        if want:
-            await dst.fsetxattr(self._dfd, want, 0)
-        for name in have:
-            if copyable_xattr(name) and name not in want:
-                await self._remove(dst, self._dfd, name)
-
-    @staticmethod
-    async def _remove(sub: Translator, fd: Fd, name: str) -> None:
-        try:
-            await sub.fremovexattr(fd, name)
-        except FopError as exc:
-            if exc.errno != errno.ENODATA:
-                raise
-
-    async def _abort(self) -> None:
-        """Undo phase 1: the source is the file again, the destination an empty link file."""
-        src, dst = self.job.src, self.job.dst
-        try:
-            if self._marked:
-                await self._lock(LockType.WRLCK)
-                try:
-                    mode = (await src.fstat(self._sfd)).iatt.mode
-                    await self._remove(src, self._sfd, MIGRATING_XATTR)
-                    await src.fsetattr(
-                        self._sfd, AttrSet(SetAttrValid.MODE, mode=mode & 0o7777 & ~stat.S_ISVTX)
-                    )
-                finally:
-                    await self._unlock()
-            if any(fd is self._dfd for _, fd in self._opened):
-                await dst.ftruncate(self._dfd, 0)
-        except FopError as exc:
-            self.dht.log.warning("%s: undoing the migration to %s: %s", self.job.path, dst.name, exc)
-
-    async def _move_special(self, iatt: Iatt) -> Outcome:
-        """Symlinks, fifos, sockets, devices have no data: recreate them there, then drop the source."""
-        job, src, dst, nloc, gloc = self.job, self.job.src, self.job.dst, self._nloc, self._gloc
-        target = (await src.readlink(nloc)).target if iatt.is_lnk else ""
-        xattrs = {k: v for k, v in (await src.getxattr(gloc, None)).xattrs.items() if copyable_xattr(k)}
-        await self.dht._unlink_linkfile(dst, nloc, job.gfid)
-        req = {GFID_REQ: bytes(job.gfid)}
-        try:
-            if iatt.is_lnk:
-                await dst.symlink(target, nloc, 0, req)
-            else:
-                await dst.mknod(nloc, iatt.mode, iatt.rdev, 0, req)
-            valid = SetAttrValid.UID | SetAttrValid.GID | SetAttrValid.ATIME | SetAttrValid.MTIME
-            if not iatt.is_lnk:
-                valid |= SetAttrValid.MODE
-            attr = AttrSet(valid, iatt.mode & 0o7777, iatt.uid, iatt.gid, iatt.atime_ns, iatt.mtime_ns)
-            await dst.setattr(gloc, attr)
-            if xattrs:
-                await dst.setxattr(gloc, xattrs, 0)
-        except FopError:
-            await self.dht._unlink_linkfile(dst, nloc, job.gfid, data_too=True)
-            await self.dht.make_linkfile(dst, nloc, job.gfid, src)
-            raise
-        await src.unlink(nloc, 0)
-        return Outcome("moved")
-
-
-__all__ = ["COPYING", "IDLE", "MOVED", "FileMigration", "FileToMove", "MigrationClient", "Outcome"]
+__all__ = ["COPYING", "FULL", "IDLE", "MOVED", "FdReplay", "MigrationClient", "hide_change"]

@@ -42,7 +42,7 @@ from mortar.core.translator import Translator
 from mortar.xlators.cluster.dht import DistributeTranslator
 from mortar.xlators.cluster.dht_common import STALE, as_root, is_linkfile
 from mortar.xlators.cluster.dht_layout import LINKTO_XATTR, Layout
-from mortar.xlators.cluster.dht_migrate import FileMigration, FileToMove, Outcome, StepHook
+from mortar.xlators.cluster.dht_migrator import FileMigration, FileToMove, Outcome, StepHook
 
 log = logging.getLogger(__name__)
 
