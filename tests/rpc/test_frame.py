@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mortar.core.fops import FOPS
+from mortar.rpc import buffers
 from mortar.rpc.frame import (
     HEADER,
     HEADER_SIZE,
@@ -105,7 +106,9 @@ def test_large_payload_gets_its_own_exact_buffer() -> None:
     assert len(buf) == len(payload) - 1000
     buf[:] = payload[1000:]
     (frame,) = reader.buffer_updated(len(buf))
-    assert type(frame.payload) is bytearray and len(frame.payload) == len(payload)
+    # a request's payload (writev data) starts on a page, ready for an O_DIRECT write
+    assert isinstance(frame.payload, memoryview) and len(frame.payload) == len(payload)
+    assert buffers.is_aligned(frame.payload)
     assert frame.payload == payload and frame.meta == b"meta"
     # and the shared buffer is back for the next small frame
     assert normalized(reader.feed(encode_frame(Frame(Kind.REQUEST, Op.PING, 10)))) == [
@@ -286,3 +289,10 @@ def test_small_limits_small_buffer_then_growth_keeps_partial_data() -> None:
     assert len(reader.get_buffer(-1)) > LARGE
     (got,) = reader.feed(second[10:])
     assert got.xid == 2 and got.payload == b"w" * 50_000
+
+
+def test_large_reply_payload_is_a_plain_bytearray() -> None:
+    payload = os.urandom(256 << 10)
+    head = encode_head(Kind.REPLY, READV, 3, 0, b"m", len(payload))
+    (frame,) = FrameReader().feed(head + payload)
+    assert type(frame.payload) is bytearray and frame.payload == payload

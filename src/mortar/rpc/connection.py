@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import stat
+import struct
 import sys
 from collections.abc import Callable
 from typing import Any, Protocol, cast
@@ -119,7 +120,10 @@ class Connection(asyncio.BufferedProtocol):
             self.peer_host = normalize_host(str(peername[0]))
             self.peer = f"{self.peer_host}:{peername[1]}"
         else:
-            self.peer = f"unix:{transport.get_extra_info('sockname') or peername or '?'}"
+            name = transport.get_extra_info("sockname") or peername or "?"
+            if isinstance(name, bytes):
+                name = os.fsdecode(name)
+            self.peer = "unix:" + ("@" + name[1:] if name.startswith("\0") else name)
         self.handler.connection_made(self)
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -257,8 +261,18 @@ async def listen_tcp(factory: HandlerFactory, host: str, port: int, log: Any = _
     return await loop.create_server(lambda: Connection(factory(), log), host, port, reuse_address=True)
 
 
+def unix_address(path: str) -> str:
+    """The socket address of `path`: `@name` is Linux's abstract namespace (as `ss -x` shows it), which
+    belongs to the network namespace, leaves no file behind and is freed when its process dies."""
+    return "\0" + path[1:] if path.startswith("@") else path
+
+
 async def listen_unix(factory: HandlerFactory, path: str, log: Any = _log) -> asyncio.Server:
-    """Listen on a unix socket, replacing a stale socket file left by a dead process (not a live one)."""
+    """Listen on a unix socket, replacing a stale socket file left by a dead process (not a live one).
+    An abstract address (`@name`) in use by a live process fails with EADDRINUSE."""
+    loop = asyncio.get_running_loop()
+    if path.startswith("@"):
+        return await loop.create_unix_server(lambda: Connection(factory(), log), unix_address(path))
     with contextlib.suppress(FileNotFoundError):
         if stat.S_ISSOCK(os.lstat(path).st_mode):
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
@@ -268,7 +282,6 @@ async def listen_unix(factory: HandlerFactory, path: str, log: Any = _log) -> as
                     os.unlink(path)
                 else:
                     raise OSError(errno.EADDRINUSE, f"{path} is in use by another process")
-    loop = asyncio.get_running_loop()
     return await loop.create_unix_server(lambda: Connection(factory(), log), path)
 
 
@@ -279,6 +292,36 @@ async def connect_tcp(handler: FrameHandler, host: str, port: int, log: Any = _l
 
 
 async def connect_unix(handler: FrameHandler, path: str, log: Any = _log) -> Connection:
+    """Connect to a unix socket; `@name` is an abstract address (connected by hand: uvloop refuses
+    abstract addresses given as a path)."""
     loop = asyncio.get_running_loop()
-    _, conn = await loop.create_unix_connection(lambda: Connection(handler, log), path)
+    if not path.startswith("@"):
+        _, conn = await loop.create_unix_connection(lambda: Connection(handler, log), path)
+        return conn
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        await loop.sock_connect(sock, os.fsencode(unix_address(path)))
+        _, conn = await loop.create_unix_connection(lambda: Connection(handler, log), sock=sock)
+    except BaseException:
+        sock.close()
+        raise
     return conn
+
+
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def peer_uid(conn: Connection) -> int | None:
+    """The user id of the process at the other end of a unix socket (SO_PEERCRED), None otherwise."""
+    if conn.transport is None:
+        return None
+    sock = conn.transport.get_extra_info("socket")
+    if sock is None or sock.family != socket.AF_UNIX:
+        return None
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+        _pid, uid, _gid = _PEERCRED.unpack(raw)
+    except OSError:
+        return None
+    return int(uid)

@@ -3,8 +3,9 @@
 The reader is fed by `asyncio.BufferedProtocol` (`get_buffer` / `buffer_updated`) or by `feed` in
 tests and fuzzers. Small frames are cut out of one preallocated receive buffer, so many frames cost
 one recv; a large frame gets a buffer of exactly its size that the socket fills directly, so a 1 MiB
-write travels from `recv_into` to `os.pwrite` without another copy. Every length is checked against
-the limits before anything is allocated.
+write travels from `recv_into` to `os.pwrite` without another copy. Request payloads (writev's data)
+land page-aligned, so a brick honouring O_DIRECT writes them as they are. Every length is checked
+against the limits before anything is allocated.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 from mortar.core.fops import FOPS, Buffer
+from mortar.rpc.buffers import aligned
 
 MAGIC = b"MRTR"
 VERSION = 1
@@ -105,7 +107,7 @@ class FrameReader:
         self._head: tuple[int, int, int, int, int, int] | None = None
         self._meta: Buffer | None = None
         # direct receive target (a large meta or payload) and how much of it is filled
-        self._dest: bytearray | None = None
+        self._dest: bytearray | memoryview | None = None
         self._dest_view: memoryview | None = None
         self._dest_pos = 0
         self._error: str | None = None
@@ -227,16 +229,17 @@ class FrameReader:
             if plen == 0:
                 frames.append(self._emit(None))
                 continue
-            if not self._start_dest(plen, avail):
+            if not self._start_dest(plen, avail, kind == Kind.REQUEST):
                 return frames
             frames.append(self._emit(self._take_dest()))
 
-    def _start_dest(self, size: int, avail: int) -> bool:
-        """Begin a direct receive of `size` bytes, moving in what the shared buffer already holds.
+    def _start_dest(self, size: int, avail: int, align: bool = False) -> bool:
+        """Begin a direct receive of `size` bytes, moving in what the shared buffer already holds;
+        `align` puts them on a page boundary (a request's payload: data an O_DIRECT brick writes).
 
         Returns True when those bytes completed it (the result is then taken with `_take_dest`).
         """
-        dest = bytearray(size)
+        dest: bytearray | memoryview = aligned(size) if align else bytearray(size)
         n = min(size, avail)
         dest[:n] = self._view[self._start : self._start + n]
         self._start += n
@@ -246,7 +249,7 @@ class FrameReader:
         self._start = self._end = 0  # everything in the shared buffer belonged to this frame
         return False
 
-    def _take_dest(self) -> bytearray:
+    def _take_dest(self) -> bytearray | memoryview:
         dest = self._dest
         assert dest is not None and self._dest_view is not None
         self._dest_view.release()
@@ -267,6 +270,6 @@ class FrameReader:
             self._meta = self._take_dest()
             if plen == 0:
                 return [self._emit(None)]
-            self._start_dest(plen, 0)
+            self._start_dest(plen, 0, self._head[0] == Kind.REQUEST)
             return []
         return [self._emit(self._take_dest())]

@@ -61,19 +61,35 @@ class Handshake:
 
 @dataclass(frozen=True, slots=True)
 class HandshakeReply:
-    """The server accepted: the brick it will serve (a refusal is an error reply instead)."""
+    """The server accepted: the brick it will serve (a refusal is an error reply instead) and, on a
+    brick's local socket, that socket's address and the brick's TCP port, so a client knows it
+    reached the very server its volfile names."""
 
     brick: str
     version: int = VERSION
+    local_path: str | None = None
+    port: int | None = None
 
     def encode(self) -> bytes:
-        return pack({"brick": self.brick, "version": self.version})
+        raw: dict[str, Any] = {"brick": self.brick, "version": self.version}
+        if self.local_path is not None:
+            raw["local-path"] = self.local_path
+        if self.port is not None:
+            raw["port"] = self.port
+        return pack(raw)
 
     @classmethod
     def decode(cls, meta: Buffer) -> HandshakeReply:
         raw = _map(meta, "handshake reply")
         brick = check_str(raw.get("brick"), "brick")
-        return cls(brick=brick, version=check_int(raw.get("version"), "version"))
+        version = check_int(raw.get("version"), "version")
+        port = raw.get("port")
+        return cls(
+            brick=brick,
+            version=version,
+            local_path=_opt_str(raw, "local-path"),
+            port=None if port is None else check_int(port, "port"),
+        )
 
 
 def encode_upcall(data: dict[str, Any]) -> bytes:

@@ -23,6 +23,7 @@ from mortar.core.fops import (
 )
 from mortar.core.gfid import ROOT_GFID
 from mortar.core.translator import Translator
+from mortar.rpc import buffers
 from mortar.xlators.storage import posix_io
 from mortar.xlators.storage.posix import PosixTranslator
 from mortar.xlators.storage.posix_handles import PosixFd
@@ -303,3 +304,45 @@ def test_every_fop_is_served() -> None:
     """The brick has no child to pass anything to: it implements the whole fop table."""
     missing = [name for name in FOPS if getattr(PosixTranslator, name) is getattr(Translator, name)]
     assert missing == []
+
+
+def _fd_has_o_direct(fd: int) -> bool:
+    with open(f"/proc/self/fdinfo/{fd}") as info:
+        flags = next(int(line.split()[1], 8) for line in info if line.startswith("flags:"))
+    return bool(flags & os.O_DIRECT)
+
+
+async def test_o_direct_buffers_aligned_or_not(tmp_path: Path) -> None:
+    """O_DIRECT I/O from every kind of buffer: an aligned one (as the wire delivers writev data) is
+    written as it is, anything else through the thread's scratch buffer; reads come back in an
+    aligned buffer, short at the end of the file. Opens without O_DIRECT keep the page cache."""
+    xl = make_posix(tmp_path / "b", **{"o-direct": "on"})
+    await xl.init()
+    try:
+        _, fd = await create(xl, "img", flags=os.O_RDWR | os.O_DIRECT)
+        gfid = fd.gfid
+        pfd = fd.ctx[xl]
+        assert isinstance(pfd, PosixFd) and pfd.direct and _fd_has_o_direct(pfd.fd)
+        data = os.urandom(3 * MiB)
+        aligned = buffers.aligned(MiB)
+        aligned[:] = data[:MiB]
+        unaligned = memoryview(bytearray(MiB + 1))[1:]
+        unaligned[:] = data[MiB : 2 * MiB]
+        await xl.writev(fd, aligned, 0, 0)
+        await xl.writev(fd, unaligned, MiB, 0)
+        await xl.writev(fd, data[2 * MiB :], 2 * MiB, 0)  # bytes: read-only, so copied
+        got = (await xl.readv(fd, 3 * MiB, 0, 0)).data
+        assert isinstance(got, memoryview) and buffers.is_aligned(got) and got == data
+        tail = await xl.readv(fd, MiB, 3 * MiB - 4096, 0)
+        assert tail.data == data[-4096:] and tail.iatt is not None and tail.iatt.size == 3 * MiB
+        await xl.release(fd)
+        # the same file opened without O_DIRECT: buffered, and small cached reads skip the pool
+        buffered = await open_(xl, gfid, os.O_RDWR)
+        bpfd = buffered.ctx[xl]
+        assert isinstance(bpfd, PosixFd) and not bpfd.direct and not _fd_has_o_direct(bpfd.fd)
+        await xl.readv(buffered, 4096, 8192, 0)  # now in the page cache
+        fast = posix_io.readv_cached(xl.brick, bpfd, 4096, 8192)
+        assert fast is None or fast.data == data[8192 : 8192 + 4096]
+        await xl.release(buffered)
+    finally:
+        await xl.fini()

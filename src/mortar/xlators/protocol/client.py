@@ -16,15 +16,16 @@ import os
 import socket
 import uuid
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
-from mortar.core.context import call_context
+from mortar.core.context import CallContext, call_context
 from mortar.core.errors import FopError
-from mortar.core.fops import FOPS, Buffer, Fd, FopSpec, Xdata, XdataReply
+from mortar.core.fops import FOPS, Buffer, EntrylkCmd, Fd, FopSpec, LockCmd, LockType, Xdata, XdataReply
 from mortar.core.options import Option, OptionError
 from mortar.core.translator import Event, Translator
 from mortar.rpc import codec
-from mortar.rpc.connection import Connection, connect_tcp, connect_unix
+from mortar.rpc.connection import Connection, connect_tcp, connect_unix, peer_uid
 from mortar.rpc.frame import Frame, Kind, Op, ProtocolError
 from mortar.rpc.messages import Handshake, HandshakeReply, decode_upcall
 from mortar.rpc.state import ConnectionState
@@ -33,7 +34,8 @@ from mortar.rpc.state import ConnectionState
 MAX_INFLIGHT = 256
 _BACKOFF_MIN = 0.05
 _RELEASES = ("release", "releasedir")
-#: options whose change needs a new connection (the others apply to the current one)
+#: options whose change needs a new connection (the others apply to the current one; a new
+#: transport.socket.local-path is tried at the next connection: a working one is not dropped for it)
 _CONNECTION_OPTIONS = (
     "remote-host",
     "remote-port",
@@ -43,6 +45,10 @@ _CONNECTION_OPTIONS = (
     "username",
     "password",
 )
+
+
+class _NotLocal(Exception):
+    """The brick's local socket cannot be used (absent, someone else's, another brick): use TCP."""
 
 
 class _Link:
@@ -124,6 +130,12 @@ class ClientTranslator(Translator):
         "remote-subvolume": Option("str", "", "name of the brick on the server"),
         "transport-type": Option("enum", "tcp", "connect over TCP or a unix socket", choices=("tcp", "unix")),
         "transport.socket.connect-path": Option("path", "", "unix socket path (transport-type unix)"),
+        "transport.socket.local-path": Option(
+            "str",
+            "",
+            "with transport-type tcp, the brick's local unix socket (/PATH or @NAME): used instead of "
+            "TCP when it exists here and the server behind it proves to be remote-subvolume on remote-port",
+        ),
         "username": Option("str", "", "login name when the brick requires one"),
         "password": Option("str", "", "password for username"),
         "ping-timeout": Option("time", 42.0, "a brick silent this long is down", min=0.1),
@@ -142,7 +154,43 @@ class ClientTranslator(Translator):
         self._stopping = False
         self._stopper: asyncio.Task[None] | None = None
         self._slots = asyncio.Semaphore(MAX_INFLIGHT)
+        #: unlocks of locks granted to callers that had gone away (see _give_back_when_granted)
+        self._late_unlocks: set[asyncio.Task[None]] = set()
         self.remote = self._describe_remote()
+        #: how the current connection reaches the brick: "tcp", "unix" or "local" (its local socket)
+        self.via = ""
+        self._local_refusal = ""  # why the local socket was last passed over (logged once per reason)
+
+    def _give_back_when_granted(
+        self, fut: asyncio.Future[Frame], spec: FopSpec, undo: tuple[Any, ...], generation: int
+    ) -> None:
+        """The caller of a lock request already on the wire was cancelled: the brick may still grant
+        it, and then nobody would ever unlock it. When the reply says granted, send the unlock (same
+        owner, same range or name); a lost connection needs none (the brick drops a dead client's
+        locks)."""
+        who = call_context.get()
+
+        def on_reply(f: asyncio.Future[Frame]) -> None:
+            if f.cancelled() or f.exception() is not None or f.result().status:
+                return
+            task = asyncio.get_running_loop().create_task(self._give_back(spec, undo, who, generation))
+            self._late_unlocks.add(task)
+            task.add_done_callback(self._late_unlocks.discard)
+
+        fut.add_done_callback(on_reply)
+
+    async def _give_back(
+        self, spec: FopSpec, undo: tuple[Any, ...], who: CallContext, generation: int
+    ) -> None:
+        call_context.set(who)  # this task's own copy of the context
+        link = self._link
+        if link is None or link.generation != generation:
+            return
+        try:
+            await self._call(spec, undo, None)
+            self.log.debug("%s granted after its caller went away: unlocked", spec.name)
+        except FopError as exc:
+            self.log.warning("unlocking a %s granted after its caller went away: %s", spec.name, exc)
 
     def _describe_remote(self) -> str:
         o = self.opts
@@ -160,6 +208,9 @@ class ClientTranslator(Translator):
             raise OptionError(f"{self.name}: transport-type unix needs transport.socket.connect-path")
         if o["transport-type"] == "tcp" and not o["remote-port"]:
             raise OptionError(f"{self.name}: remote-port is required")
+        local = o["transport.socket.local-path"]
+        if local and not local.startswith(("/", "@")):
+            raise OptionError(f"{self.name}: transport.socket.local-path {local!r} is not /PATH or @NAME")
 
     async def fini(self) -> None:
         if self._stopper is None:
@@ -234,7 +285,10 @@ class ClientTranslator(Translator):
             delay, failures = _BACKOFF_MIN, 0
             self._link = link
             self._up.set()
-            self.log.info("connected to %s", self.remote)
+            if self.via == "local":
+                self.log.info("connected to %s through its local socket", self.remote)
+            else:
+                self.log.info("connected to %s", self.remote)
             self._announce(True)
             try:
                 await self._keepalive(link)
@@ -242,6 +296,21 @@ class ClientTranslator(Translator):
                 self._lost(link)
 
     async def _connect(self) -> _Link:
+        """A handshaken connection: through the brick's local socket when it has one on this host
+        (cheaper than TCP loopback), else over the configured transport."""
+        o = self.opts
+        local = o["transport.socket.local-path"] if o["transport-type"] == "tcp" else ""
+        if local:
+            try:
+                return await self._connect_via("local", local)
+            except _NotLocal as exc:
+                reason = str(exc)
+                if reason != self._local_refusal:
+                    self._local_refusal = reason
+                    self.log.info("local socket %s not used, connecting over TCP: %s", local, reason)
+        return await self._connect_via(o["transport-type"], o["transport.socket.connect-path"])
+
+    async def _connect_via(self, via: str, path: str) -> _Link:
         link = _Link(self, self._generation + 1)
         o = self.opts
         hs = Handshake(
@@ -250,22 +319,40 @@ class ClientTranslator(Translator):
             username=o["username"] or None,
             password=o["password"] or None,
         )
-        async with asyncio.timeout(o["ping-timeout"]):
-            if o["transport-type"] == "unix":
-                conn = await connect_unix(link, o["transport.socket.connect-path"], self.log)
-            else:
-                conn = await connect_tcp(link, o["remote-host"], o["remote-port"], self.log)
-            try:
-                frame = await link.request(Op.HANDSHAKE, hs.encode())
-            except BaseException:
-                conn.abort("handshake not completed")
-                raise
+        local = via == "local"
+        try:
+            async with asyncio.timeout(o["ping-timeout"]):
+                if via == "tcp":
+                    conn = await connect_tcp(link, o["remote-host"], o["remote-port"], self.log)
+                else:
+                    conn = await connect_unix(link, path, self.log)
+                if local and (uid := peer_uid(conn)) not in (0, os.getuid()):
+                    conn.abort("local socket owned by another user", logging.DEBUG)
+                    raise _NotLocal(f"it belongs to uid {uid}, not root or us")
+                try:
+                    frame = await link.request(Op.HANDSHAKE, hs.encode())
+                except BaseException:
+                    conn.abort("handshake not completed", logging.DEBUG if local else logging.WARNING)
+                    raise
+        except (OSError, TimeoutError, FopError, ProtocolError) as exc:
+            if local:  # absent, stale or not a mortar brick: TCP decides
+                raise _NotLocal(f"{exc!r}") from None
+            raise
         if frame.status:
             conn.close()
+            if local:
+                raise _NotLocal(f"the brick there refused: {codec.decode_error(frame.meta)}")
             raise FopError(frame.status, f"handshake refused: {codec.decode_error(frame.meta)}")
-        HandshakeReply.decode(frame.meta)
+        reply = HandshakeReply.decode(frame.meta)
+        if local and (reply.local_path != path or reply.port != o["remote-port"]):
+            conn.abort("not the brick's local socket", logging.DEBUG)
+            raise _NotLocal(
+                f"the server there is not {self.remote} (its local socket {reply.local_path!r}, "
+                f"its port {reply.port})"
+            )
         link.state.established()
         self._generation = link.generation
+        self.via = via
         return link
 
     async def _keepalive(self, link: _Link) -> None:
@@ -320,9 +407,17 @@ class ClientTranslator(Translator):
                 if link is not self._link:
                     raise FopError(errno.ENOTCONN, f"{self.name}: disconnected from {self.remote}")
                 fut = link.request(spec.op, meta, payload)
-                if link.conn.write_blocked:
-                    await link.conn.drain()
-                frame = await fut
+                undo = _lock_undo(spec, args)
+                try:
+                    if link.conn.write_blocked:
+                        await link.conn.drain()
+                    # a lock's reply is awaited through a shield: a caller that goes away must not
+                    # cancel it, since a grant that arrives later has to be given back (see _give_back)
+                    frame = await (fut if undo is None else asyncio.shield(fut))
+                except asyncio.CancelledError:
+                    if undo is not None:
+                        self._give_back_when_granted(fut, spec, undo, link.generation)
+                    raise
         finally:
             if spec.name in _RELEASES:
                 args[0].ctx.pop(self, None)
@@ -339,6 +434,21 @@ class ClientTranslator(Translator):
             assert i is not None
             args[i].ctx[self] = (link.generation, new_fd)
         return reply
+
+
+def _lock_undo(spec: FopSpec, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """For a request that takes an inode or entry lock, the arguments of the matching unlock."""
+    if spec.name in ("inodelk", "finodelk"):
+        domain, target, cmd, flock = args
+        if flock.type == LockType.UNLCK or cmd not in (LockCmd.SETLK, LockCmd.SETLKW):
+            return None
+        return domain, target, LockCmd.SETLK, replace(flock, type=LockType.UNLCK)
+    if spec.name in ("entrylk", "fentrylk"):
+        domain, target, basename, cmd, lktype = args
+        if cmd == EntrylkCmd.UNLOCK:
+            return None
+        return domain, target, basename, EntrylkCmd.UNLOCK, lktype
+    return None
 
 
 def _bind(spec: FopSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], Xdata]:

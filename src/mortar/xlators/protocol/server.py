@@ -30,7 +30,7 @@ from mortar.core.fops import FOPS, FOPS_BY_OP, Fd
 from mortar.core.options import Option, OptionError
 from mortar.core.translator import Event, Translator
 from mortar.rpc import codec
-from mortar.rpc.connection import Connection, listen_tcp, listen_unix
+from mortar.rpc.connection import Connection, listen_tcp, listen_unix, normalize_host
 from mortar.rpc.frame import VERSION, Frame, Kind, Op, ProtocolError
 from mortar.rpc.messages import Handshake, HandshakeReply, encode_upcall
 from mortar.rpc.state import ConnectionState, Phase
@@ -70,6 +70,12 @@ class ServerTranslator(Translator):
         "transport.socket.listen-port": Option("int", 0, "TCP port; 0 picks a free one", min=0, max=65535),
         "transport.socket.bind-address": Option("str", "127.0.0.1", "address to listen on"),
         "transport.socket.listen-path": Option("path", "", "unix socket path (transport-type unix)"),
+        "transport.socket.local-path": Option(
+            "str",
+            "",
+            "with transport-type tcp, also listen on this unix socket for clients on the same host "
+            "(an absolute path, or @name in the abstract namespace); clients that find it skip TCP",
+        ),
         "auth.addr.*.allow": Option(
             "str", "", "addresses allowed to use brick *: globs, CIDRs or '*' (unset: loopback only)"
         ),
@@ -84,10 +90,13 @@ class ServerTranslator(Translator):
         super().__init__(*args, **kwargs)
         self.listen_port: int | None = None
         self.listen_path: str | None = None
+        #: the local unix socket served beside TCP (None when not asked for or not available)
+        self.local_path: str | None = None
         self.listening = asyncio.Event()
         #: live client connections (for status listings and tests)
         self.sessions: set[ServerSession] = set()
         self._server: asyncio.Server | None = None
+        self._local_server: asyncio.Server | None = None
         self._methods: dict[int, Callable[..., Awaitable[Any]]] = {}
         self._cleanups: set[asyncio.Task[None]] = set()
 
@@ -112,15 +121,48 @@ class ServerTranslator(Translator):
             )
             self.listen_port = self._server.sockets[0].getsockname()[1]
             where = f"{host}:{self.listen_port}"
+            if await self._listen_local():
+                where += f" and {self.local_path}"
         self.listening.set()
         self.log.info("serving %s on %s", child.name, where)
+
+    async def _listen_local(self) -> bool:
+        """Listen on `transport.socket.local-path` too. Failing only costs speed (clients then come
+        over TCP), so it is logged, not raised."""
+        path = self.opts["transport.socket.local-path"]
+        if not path:
+            return False
+        if not path.startswith(("/", "@")) or len(path.encode()) > 107:
+            raise OptionError(f"{self.name}: transport.socket.local-path {path!r} is not /PATH or @NAME")
+        try:
+            self._local_server = await listen_unix(lambda: ServerSession(self, local=True), path, self.log)
+        except OSError as exc:
+            self.log.warning("not serving the local socket %s (clients use TCP): %s", path, exc)
+            return False
+        self.local_path = path
+        return True
+
+    def local_peer_host(self) -> str:
+        """The address auth.addr rules judge a local-socket client by: the one it would come from
+        over TCP (the brick's own address, or loopback when the brick listens on every address)."""
+        host = normalize_host(self.opts["transport.socket.bind-address"])
+        try:
+            if not ipaddress.ip_address(host).is_unspecified:
+                return host
+        except ValueError:
+            pass
+        return "127.0.0.1"
 
     async def fini(self) -> None:
         """Stop listening, drop every connection, release their fds."""
         self.listening.clear()
-        if self._server is not None:
-            self._server.close()
-            self._server = None
+        for server in (self._server, self._local_server):
+            if server is not None:
+                server.close()
+        self._server = self._local_server = None
+        if self.local_path and self.local_path.startswith("/"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.local_path)
         sessions = list(self.sessions)
         for session in sessions:
             session.shutdown()
@@ -142,7 +184,7 @@ class ServerTranslator(Translator):
         for session in list(self.sessions):
             if session.handshake is None:
                 continue
-            refusal = self.authorize(session.handshake, session.conn.peer_host)
+            refusal = self.authorize(session.handshake, session.peer_host)
             if refusal is not None:
                 session.conn.abort(f"no longer allowed: {refusal[1]}")
 
@@ -205,8 +247,10 @@ class ServerTranslator(Translator):
 class ServerSession:
     """One client connection: its handshake state, fd table and in-flight requests."""
 
-    def __init__(self, server: ServerTranslator) -> None:
+    def __init__(self, server: ServerTranslator, local: bool = False) -> None:
         self.server = server
+        #: came in through the brick's local socket (`transport.socket.local-path`)
+        self.local = local
         self.log = server.log
         self.conn: Connection = None  # type: ignore[assignment]  # set by connection_made
         self.state = ConnectionState(server=True)
@@ -218,6 +262,11 @@ class ServerSession:
         self._queue: deque[Frame] = deque()
         self._tasks: set[asyncio.Task[None]] = set()
         self._deadline: asyncio.TimerHandle | None = None
+
+    @property
+    def peer_host(self) -> str | None:
+        """The address auth.addr rules apply to; None for an explicit unix transport (file mode)."""
+        return self.server.local_peer_host() if self.local else self.conn.peer_host
 
     @property
     def established(self) -> bool:
@@ -275,7 +324,7 @@ class ServerSession:
 
     def _handshake(self, frame: Frame) -> None:
         hs = Handshake.decode(frame.meta)  # malformed: ProtocolError closes the connection
-        refusal = self.server.authorize(hs, self.conn.peer_host)
+        refusal = self.server.authorize(hs, self.peer_host)
         if refusal is not None:
             err, reason = refusal
             self.log.warning("refusing client %s from %s: %s", hs.client_uid, self.conn.peer, reason)
@@ -288,8 +337,12 @@ class ServerSession:
         self.state.established()
         if self._deadline is not None:
             self._deadline.cancel()
-        reply = HandshakeReply(self.server.children[0].name).encode()
-        self.conn.send(Kind.REPLY, Op.HANDSHAKE, frame.xid, 0, reply)
+        name = self.server.children[0].name
+        if self.local:
+            reply = HandshakeReply(name, local_path=self.server.local_path, port=self.server.listen_port)
+        else:
+            reply = HandshakeReply(name)
+        self.conn.send(Kind.REPLY, Op.HANDSHAKE, frame.xid, 0, reply.encode())
         self.log.info("accepted client %s from %s", hs.client_uid, self.conn.peer)
 
     # ---- requests -----------------------------------------------------------------------------
