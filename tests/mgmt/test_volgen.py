@@ -8,6 +8,7 @@ import pytest
 
 from mortar.graph import from_text, parse
 from mortar.mgmt.volgen import Brick, VolumeDescription, bind_address, brick_volfile, client_volfile, dashed
+from mortar.mgmt.volopts import OptionKeyError, apply, validate
 from tests.integration.afr import HAVE_AFR
 
 VID = str(uuid.uuid4())
@@ -60,20 +61,45 @@ def test_client_volfile_distribute_with_client_io_threads() -> None:
     assert [s.type for s in specs] == ["protocol/client"] * 3 + [
         "cluster/distribute",
         "performance/io-threads",
+        "performance/nl-cache",
+        "performance/md-cache",
         "debug/io-stats",
     ]
     c0 = specs[0].options
     assert c0["remote-host"] == "10.0.0.1" and c0["remote-port"] == "49152"
     assert c0["remote-subvolume"] == "vol-brick-0" and c0["ping-timeout"] == "20"
     assert (c0["username"], c0["password"]) == ("u", "p")
-    assert specs[-1].name == "vol" and specs[-1].subvolumes == ["vol-io-threads"]
+    assert specs[-1].name == "vol" and specs[-1].subvolumes == ["vol-md-cache"]
+    assert specs[-3].subvolumes == ["vol-io-threads"]
     from_text(client_volfile(desc))
+
+
+def test_client_caches_can_be_turned_off() -> None:
+    """`performance.stat-prefetch off` / `performance.nl-cache off` take them out of the graph;
+    their timeouts reach the translators."""
+    desc = _desc(1)
+    apply(desc, {"performance.md-cache-timeout": "3", "performance.nl-cache-timeout": "2"})
+    apply(desc, {"performance.nl-cache": "off"})
+    specs = parse(client_volfile(desc))
+    assert [s.type for s in specs] == ["protocol/client", "performance/md-cache", "debug/io-stats"]
+    assert specs[1].options["md-cache-timeout"] == "3"
+    graph = from_text(client_volfile(desc))
+    assert graph.xlators["vol-md-cache"].opts["md-cache-timeout"] == 3.0
+    apply(desc, {"performance.stat-prefetch": "off"})
+    assert [s.type for s in parse(client_volfile(desc))] == ["protocol/client", "debug/io-stats"]
+    with pytest.raises(OptionKeyError):
+        validate("performance.md-cache-timeout", "-1")
 
 
 def test_client_volfile_single_brick_and_unix_sockets() -> None:
     desc = VolumeDescription("one", VID, [Brick("localhost", "/b", 0, "/run/one.sock")], transport="unix")
     specs = parse(client_volfile(desc))
-    assert [s.type for s in specs] == ["protocol/client", "debug/io-stats"]
+    assert [s.type for s in specs] == [
+        "protocol/client",
+        "performance/nl-cache",
+        "performance/md-cache",
+        "debug/io-stats",
+    ]
     assert specs[0].options["transport.socket.connect-path"] == "/run/one.sock"
     assert "remote-port" not in specs[0].options
     server = parse(brick_volfile(desc, 0))[-1].options

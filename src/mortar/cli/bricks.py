@@ -9,7 +9,7 @@ from mortar.cli.command import CliError, Context, Result, command
 from mortar.cli.remote import api, table
 
 ADD = "volume add-brick NAME [replica N [arbiter 1]] HOST:/PATH... [force]"
-REMOVE = "volume remove-brick NAME [replica N] HOST:/PATH... start | status | stop | commit [force]"
+REMOVE = "volume remove-brick NAME [replica N] HOST:/PATH... start | status | stop | commit [force] | force"
 REPLACE = "volume replace-brick NAME HOST:/OLD HOST:/NEW commit force"
 REBALANCE = "volume rebalance NAME [fix-layout] start [force] | status | stop"
 
@@ -98,7 +98,9 @@ def volume_add_brick(args: list[str], ctx: Context) -> Result:
     details="""
 'start' migrates every file off the bricks while the volume serves (new files go elsewhere);
 'commit' removes them once drained, and is refused before unless 'force', which reports how many
-files were still on them (and are no longer in the volume). Remove whole replica sets.
+files were still on them (and are no longer in the volume). Remove whole replica sets, or lower the
+replica count: 'remove-brick NAME replica N BRICK... force' drops the same number of copies from
+every replica set (nothing moves: the copies left hold the data).
 """,
 )
 def volume_remove_brick(args: list[str], ctx: Context) -> Result:
@@ -108,6 +110,8 @@ def volume_remove_brick(args: list[str], ctx: Context) -> Result:
     force = words[-1] == "force"
     if force:
         words = words[:-1]
+        if words and words[-1] not in ("start", "status", "stop", "commit"):
+            words = [*words, "commit"]  # GlusterFS's `remove-brick NAME [replica N] BRICK... force`
     if not words or words[-1] not in ("start", "status", "stop", "commit"):
         raise CliError(f"usage: mortar {REMOVE}", status=2)
     action = words[-1]

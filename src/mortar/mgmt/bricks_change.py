@@ -24,7 +24,7 @@ from mortar.mgmt import hosts
 from mortar.mgmt.model import BrickInfo, BrickState, MgmtError, VolumeInfo, brick_state_key, portmap_key
 from mortar.mgmt.store import Compare, Delete, Put
 from mortar.mgmt.tasks import Tasks, VolumeTask, task_key
-from mortar.xlators.cluster.afr.changelog import ENTRY, one, pending_key
+from mortar.xlators.cluster.afr.changelog import encode, pending_key
 from mortar.xlators.cluster.afr.state import acting_as, identity
 
 if TYPE_CHECKING:
@@ -140,15 +140,17 @@ class BricksChange:
 
         asyncio.get_running_loop().create_task(heal(), name=f"heal full {name}")
 
-    async def _mark_sinks(self, info: VolumeInfo, sources: list[int], sinks: list[int]) -> None:
-        """Before new empty copies join a replica set, the copies in place record on their root that
-        the new ones missed its entries (AFR's changelog), as glusterd does for replace-brick: then
-        clients treat what the new copies lack as not yet healed, not as removed, and heal fills
-        them from the root down."""
+    async def _mark_sinks(self, info: VolumeInfo, sources: list[int], sinks: list[str]) -> None:
+        """Before new empty copies join a replica set (their client names `sinks`), the copies in
+        place record on their root that the new ones missed its entries and metadata (AFR's
+        changelog, the root then listed by their heal index), as glusterd does for replace-brick:
+        clients treat what the new copies lack as not yet healed, not as removed, and the heal
+        daemons fill them from the root down. A replacement keeps the old brick's client name, so
+        marks against it that predate the swap stay true: the new copy lacks everything."""
         if info.status != "Started":
             return
         desc = self.volumes.description(info, await self.volumes.ports(info))
-        delta = {pending_key(f"{info.name}-client-{j}"): one(ENTRY) for j in sinks}
+        delta = {pending_key(name): encode(metadata=1, entry=1) for name in sinks}
         for i in sources:
             brick = desc.bricks[i]
             opts = {
@@ -203,8 +205,16 @@ class BricksChange:
         await self._check_new(info, new, combined, replica, req.force)
         if self.tasks and (task := await self.tasks.get(name)) is not None and task.active:
             raise MgmtError(f"a {task.kind} of volume {name} is in progress: wait or stop it first", 409)
+        for k, b in enumerate(new):
+            b.id = info.take_brick_id()
+            if raising:
+                b.group = info.bricks[0].group
+            elif k % replica == 0:
+                b.group = info.take_set_id()
+            else:
+                b.group = new[k - 1].group
         if raising:
-            await self._mark_sinks(info, list(range(r)), list(range(r, replica)))
+            await self._mark_sinks(info, list(range(r)), [f"{name}-client-{b.id}" for b in new])
         info.bricks, info.replica_count, info.arbiter_count = combined, replica, arbiter
         since = await self._commit(info)
         failed = await self._wait_online(info, new, since)
@@ -228,6 +238,7 @@ class BricksChange:
         if index is None:
             raise MgmtError(f"{old} is not a brick of volume {name}")
         (new,) = await self._resolve([new_text])
+        new.id, new.group = info.bricks[index].id, info.bricks[index].group  # its names live on
         combined = list(info.bricks)
         combined[index] = new
         await self._check_new(info, [new], combined, info.replica_count, True)
@@ -235,7 +246,7 @@ class BricksChange:
         gone = info.bricks[index]
         first = index - index % info.replica_count
         others = [j for j in range(first, first + info.replica_count) if j != index]
-        await self._mark_sinks(info, others, [index])
+        await self._mark_sinks(info, others, [info.client_name(index)])
         info.bricks = combined
         since = await self._commit(
             info, [Delete(brick_state_key(name, index)), Delete(portmap_key(gone.host, gone.path))]
@@ -247,7 +258,7 @@ class BricksChange:
         msg = "replace-brick commit force operation successful"
         return {"volume": info.public(), "failed": failed, "message": msg}
 
-    async def _check_no_pending(self, info: VolumeInfo, index: int) -> None:
+    async def _check_no_pending(self, info: VolumeInfo, index: int, doing: str = "replacing") -> None:
         """Refuse to replace a brick that holds changes its partners have not received yet: its copy
         would be the only one of them. Entries of writes in flight come and go; only those listed
         in two looks a second apart count (wait for `volume heal NAME info` to show nothing)."""
@@ -270,25 +281,36 @@ class BricksChange:
         if stuck:
             raise MgmtError(
                 f"brick {info.bricks[index].name} holds {len(stuck)} change(s) not yet healed to the "
-                f"other copies: replacing it now loses them (see 'mortar volume heal {info.name} info')",
+                f"other copies: {doing} it now loses them (see 'mortar volume heal {info.name} info')",
                 409,
             )
 
     # ---- remove-brick ---------------------------------------------------------------------------------
 
-    async def _removal(self, info: VolumeInfo, req: BrickChange) -> tuple[list[int], list[str]]:
-        """The indexes of the bricks to remove and the distribute subvolumes they make up."""
-        r = info.replica_count
-        if req.replica is not None and req.replica != r:
-            raise MgmtError(f"changing the replica count of {info.name} with remove-brick is not supported")
+    def _indexes(self, info: VolumeInfo, texts: list[str]) -> list[int]:
         names = {b.name: i for i, b in enumerate(info.bricks)}
         indexes = []
-        for text in req.bricks:
+        for text in texts:
             host, path = hosts.parse_brick(text) if ":" in text else (text, "")
             i = names.get(f"{host}:{path}")
             if i is None:
                 raise MgmtError(f"{text} is not a brick of volume {info.name}")
+            if i in indexes:
+                raise MgmtError(f"brick {text} is given twice")
             indexes.append(i)
+        return indexes
+
+    async def _removal(self, info: VolumeInfo, req: BrickChange) -> tuple[list[int], list[str]]:
+        """The indexes of the bricks to remove and the distribute subvolumes they make up."""
+        r = info.replica_count
+        if req.replica is not None and req.replica > r:
+            raise MgmtError(f"raise the replica count of {info.name} with add-brick, not remove-brick")
+        if req.replica is not None and req.replica != r:
+            raise MgmtError(
+                f"lowering the replica count of {info.name} to {req.replica} removes copies, no data moves: "
+                f"use 'remove-brick {info.name} replica {req.replica} BRICK... force'"
+            )
+        indexes = self._indexes(info, req.bricks)
         sets = sorted({i // r for i in indexes})
         for k in sets:
             missing = [info.bricks[j].name for j in range(k * r, k * r + r) if j not in indexes]
@@ -296,7 +318,7 @@ class BricksChange:
                 raise MgmtError(f"remove whole replica sets: {', '.join(missing)} would be left alone")
         if len(sets) >= len(info.bricks) // r:
             raise MgmtError("cannot remove every brick of a volume (delete the volume instead)")
-        subvols = [f"{info.name}-client-{k}" if r == 1 else f"{info.name}-replicate-{k}" for k in sets]
+        subvols = [info.subvolume_name(k * r) for k in sets]
         return sorted(indexes), subvols
 
     async def remove(self, name: str, action: str, req: BrickChange) -> dict[str, Any]:
@@ -307,7 +329,14 @@ class BricksChange:
                 raise MgmtError(f"remove-brick of volume {name} has not been started", 409)
             return {"task": task.public()}
         if action == "stop":
-            return {"task": (await self.tasks.stop(name, "remove-brick")).public()}
+            task = await self.tasks.stop(name, "remove-brick")
+            if task.state != "stopped":
+                # the drain had already ended: stopping still gives the bricks back to clients
+                task.state = "stopped"
+                await self.tasks._put(task)
+            return {"task": task.public()}
+        if req.replica is not None and req.replica < info.replica_count and action == "commit" and req.force:
+            return await self._reduce_replica(info, req)
         indexes, subvols = await self._removal(info, req)
         bricks = [info.bricks[i].name for i in indexes]
         if action == "start":
@@ -344,6 +373,47 @@ class BricksChange:
         if left:
             msg += f"; {left} file(s) were still on the removed bricks and are no longer in the volume"
         return {"volume": info.public(), "files_left": left, "message": msg}
+
+    async def _reduce_replica(self, info: VolumeInfo, req: BrickChange) -> dict[str, Any]:
+        """`remove-brick VOL replica N BRICK... force`: drop copies, the same number from every replica
+        set, as GlusterFS allows; the remaining copies hold all the data, so nothing moves. The
+        bricks left keep their client and set names, so their pending keys and the layouts (which
+        name sets) stay right. Refused while a brick to drop holds changes its partners lack."""
+        r, n = info.replica_count, int(req.replica or 0)
+        if n < 1:
+            raise MgmtError("the replica count must be at least 1")
+        indexes = self._indexes(info, req.bricks)
+        sets = len(info.bricks) // r
+        if len(indexes) != (r - n) * sets:
+            raise MgmtError(
+                f"lowering replica {r} to {n} removes {r - n} brick(s) from each of the {sets} replica "
+                f"set(s): give {(r - n) * sets}, not {len(indexes)}"
+            )
+        for k in range(sets):
+            gone = [i for i in indexes if i // r == k]
+            if len(gone) != r - n:
+                first = info.bricks[k * r].name
+                raise MgmtError(f"remove {r - n} brick(s) of the replica set of {first}, not {len(gone)}")
+        arbiter = info.arbiter_count
+        if arbiter:
+            if any(not info.is_arbiter(i) for i in indexes) or n != 2:
+                raise MgmtError("from 'replica 3 arbiter 1' only the arbiter bricks can go (to replica 2)")
+            arbiter = 0
+        if self.tasks and (task := await self.tasks.get(info.name)) is not None and task.active:
+            raise MgmtError(f"a {task.kind} of volume {info.name} is in progress: wait or stop it first", 409)
+        for i in indexes:
+            await self._check_no_pending(info, i, "removing")
+        removed = [info.bricks[i] for i in sorted(indexes)]
+        keep = [b for i, b in enumerate(info.bricks) if i not in indexes]
+        ops: list[Any] = [Delete(portmap_key(b.host, b.path)) for b in removed]
+        ops += [Delete(brick_state_key(info.name, i)) for i in range(len(keep), len(info.bricks))]
+        made = BrickState(initialized=True).to_json()
+        ops += [Put(brick_state_key(info.name, i), made) for i in range(len(keep))]
+        info.bricks, info.replica_count, info.arbiter_count = keep, n, arbiter
+        await self._commit(info, ops)
+        names = ", ".join(b.name for b in removed)
+        log.info("volume %s: replica %d -> %d, removed %s", info.name, r, n, names)
+        return {"volume": info.public(), "files_left": 0, "message": "remove-brick commit force: success"}
 
     async def _count_left(self, info: VolumeInfo, indexes: list[int]) -> int:
         peers = {p.uuid: p for p in await self.node.pool.peers()}
@@ -382,7 +452,8 @@ class BricksChange:
         return {"task": task.public(), "message": f"rebalance on {name} has been started successfully"}
 
     def decommissioned(self, task: VolumeTask | None) -> list[str]:
-        """The subvolumes clients must stop placing files on (a remove-brick not stopped)."""
+        """The bricks (`HOST:PATH`) whose subvolumes clients must stop placing files on: those of a
+        remove-brick started and neither stopped nor committed (volgen names their subvolumes)."""
         if task is None or task.kind != "remove-brick" or task.state == "stopped":
             return []
-        return task.decommission
+        return list(task.bricks)

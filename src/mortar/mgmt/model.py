@@ -76,6 +76,11 @@ class BrickInfo(Record):
     host: str
     path: str
     peer: str  # uuid of the node that owns the brick
+    #: N of the brick's client translator `VOL-client-N`, given once and kept for the brick's life
+    #: (and by a brick that replaces it): AFR's pending keys and the heal indexes are named by it
+    id: int = -1
+    #: K of its replica set's `VOL-replicate-K` (a DHT subvolume, named in link files), also kept
+    group: int = -1
 
     @property
     def name(self) -> str:
@@ -95,6 +100,37 @@ class VolumeInfo(Record):
     version: int = 1
     username: str = ""
     password: str = ""
+    #: the next brick id and replica-set id to give: ids of removed bricks are never given again
+    next_brick_id: int = 0
+    next_set_id: int = 0
+
+    def __post_init__(self) -> None:
+        """Records written before bricks had ids get the names they always had (by position)."""
+        for i, b in enumerate(self.bricks):
+            if b.id < 0:
+                b.id = i
+            if b.group < 0:
+                b.group = i // max(1, self.replica_count)
+        self.next_brick_id = max([self.next_brick_id, *(b.id + 1 for b in self.bricks)])
+        self.next_set_id = max([self.next_set_id, *(b.group + 1 for b in self.bricks)])
+
+    def take_brick_id(self) -> int:
+        self.next_brick_id += 1
+        return self.next_brick_id - 1
+
+    def take_set_id(self) -> int:
+        self.next_set_id += 1
+        return self.next_set_id - 1
+
+    def client_name(self, index: int) -> str:
+        """The client translator of brick `index` (its AFR pending key is `trusted.afr.` + this)."""
+        return f"{self.name}-client-{self.bricks[index].id}"
+
+    def subvolume_name(self, index: int) -> str:
+        """The DHT subvolume brick `index` belongs to: its replica set, or itself when not replicated."""
+        if self.replica_count == 1:
+            return self.client_name(index)
+        return f"{self.name}-replicate-{self.bricks[index].group}"
 
     @classmethod
     def from_json(cls, raw: bytes | str | dict[str, Any]) -> VolumeInfo:
@@ -160,6 +196,7 @@ class VolumeInfo(Record):
                     "path": b.path,
                     "peer": b.peer,
                     "arbiter": self.is_arbiter(i),
+                    "client": self.client_name(i),
                 }
                 for i, b in enumerate(self.bricks)
             ],

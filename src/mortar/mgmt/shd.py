@@ -64,6 +64,12 @@ class Crawl:
     bricks: str = ""
 
 
+def client_of(info: dict[str, Any], index: int) -> str:
+    """The client translator of brick `index` (named by the brick's stable id, not its position)."""
+    brick = info["bricks"][index]
+    return str(brick.get("client") or f"{info['name']}-client-{index}")
+
+
 class VolumeHealer:
     """The heal loop of one volume: a client graph and the crawls over its local bricks."""
 
@@ -85,7 +91,7 @@ class VolumeHealer:
     def local_bricks(self) -> dict[str, tuple[int, str]]:
         """client translator name -> (brick index, brick path) for this host's bricks."""
         return {
-            f"{self.name}-client-{i}": (i, b["path"])
+            client_of(self.info, i): (i, b["path"])
             for i, b in enumerate(self.info.get("bricks", []))
             if b.get("peer") == self.shd.node
         }
@@ -382,7 +388,7 @@ async def resolve_one(healer: VolumeHealer, file: str, policy: str, source: Any)
             names = {b["name"]: i for i, b in enumerate(healer.info["bricks"])}
             if str(source) not in names:
                 raise FopError(22, f"{source} is not a brick of {healer.name}")
-            child_name = f"{healer.name}-client-{names[str(source)]}"
+            child_name = client_of(healer.info, names[str(source)])
             found = [c for c, x in enumerate(afr.children) if x.name == child_name]
             if not found:
                 continue
@@ -392,8 +398,8 @@ async def resolve_one(healer: VolumeHealer, file: str, policy: str, source: Any)
         except FopError as exc:
             errors.append(exc.message)
             continue
-        brick = healer.info["bricks"][int(afr.children[chosen].name.rsplit("-", 1)[1])]["name"]
-        return {"file": file, "gfid": str(gfid), "source": brick}
+        by_client = {client_of(healer.info, i): b["name"] for i, b in enumerate(healer.info["bricks"])}
+        return {"file": file, "gfid": str(gfid), "source": by_client.get(afr.children[chosen].name, "?")}
     raise FopError(22, f"{file}: " + ("; ".join(errors) or "not found in a replica set healed here"))
 
 

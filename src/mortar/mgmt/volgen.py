@@ -6,7 +6,7 @@ Graphs follow glusterd's shapes so a GlusterFS operator recognises them:
   -> debug/io-stats (named after the brick) -> protocol/server
 - client: protocol/client per brick -> cluster/replicate per replica set -> cluster/distribute
   (when there is more than one subvolume) -> [performance/io-threads with client-io-threads]
-  -> debug/io-stats (named after the volume)
+  -> [performance/nl-cache] -> [performance/md-cache] -> debug/io-stats (named after the volume)
 
 Option values arrive already mapped from `volume set` keys to translator options (see `volopts`);
 each translator type's options apply wherever that type appears, brick side or client side.
@@ -14,6 +14,7 @@ each translator type's options apply wherever that type appears, brick side or c
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 from dataclasses import dataclass, field
 
@@ -33,6 +34,16 @@ def bind_address(host: str) -> str:
         return "127.0.0.1" if host == "localhost" else "0.0.0.0"
 
 
+def local_socket(desc: VolumeDescription, brick: Brick) -> str:
+    """The unix socket a TCP brick also serves clients on its own host through (cheaper than TCP
+    loopback). Clients on any host get it in their volfile and use it only when it answers there and
+    the handshake proves it is this brick. An abstract address (`@...`): it belongs to the network
+    namespace, as the brick's TCP address does, and vanishes with the process. The name is a hash of
+    what makes the brick unique in the pool, as glusterd names its brick sockets."""
+    key = f"{desc.volume_id}/{brick.host}:{brick.path}".encode()
+    return "@mortar/brick/" + hashlib.sha256(key).hexdigest()[:32]
+
+
 @dataclass(frozen=True, slots=True)
 class Brick:
     """One brick: where it lives and, once started, where its server listens."""
@@ -41,6 +52,10 @@ class Brick:
     path: str
     port: int = 0
     socket_path: str = ""
+    #: the stable N of `VOL-client-N` / `VOL-brick-N` and K of its set's `VOL-replicate-K`, kept
+    #: across remove-brick and replace-brick (-1: by position, as for a volume made before ids)
+    id: int = -1
+    group: int = -1
 
 
 @dataclass(slots=True)
@@ -61,17 +76,39 @@ class VolumeDescription:
     password: str = ""
     #: put performance/io-threads in the client graph (`performance.client-io-threads`)
     client_io_threads: bool = False
+    #: put performance/md-cache (`performance.stat-prefetch`) and performance/nl-cache
+    #: (`performance.nl-cache`) at the top of the client graph
+    md_cache: bool = True
+    nl_cache: bool = True
     #: what serves the bricks: "posix" (directories) or "bd" (thin pools, `volume create ... device lv`)
     brick_type: str = "posix"
     #: storage/bd options for every brick of a bd volume (backend, pool-size, block-size, vg, thinpool)
     bd_options: dict[str, str] = field(default_factory=dict)
+    #: bricks (`HOST:PATH`) being drained by `remove-brick ... start`: their distribute subvolumes
+    #: get no new files and no range in new layouts (cluster/distribute's `decommissioned-bricks`)
+    decommissioned: list[str] = field(default_factory=list)
+
+    def brick_number(self, index: int) -> int:
+        n = self.bricks[index].id
+        return n if n >= 0 else index
 
     def brick_name(self, index: int) -> str:
         """The name clients ask for in their handshake (`remote-subvolume`)."""
-        return f"{self.name}-brick-{index}"
+        return f"{self.name}-brick-{self.brick_number(index)}"
 
     def client_name(self, index: int) -> str:
-        return f"{self.name}-client-{index}"
+        return f"{self.name}-client-{self.brick_number(index)}"
+
+    def set_name(self, first: int) -> str:
+        """The replica set that begins at brick `first` (a multiple of the replica count)."""
+        k = self.bricks[first].group
+        return f"{self.name}-replicate-{k if k >= 0 else first // self.replica_count}"
+
+    def subvolume_name(self, index: int) -> str:
+        """The distribute subvolume brick `index` is part of."""
+        if self.replica_count == 1:
+            return self.client_name(index)
+        return self.set_name(index - index % self.replica_count)
 
     def brick_volfile_name(self, index: int) -> str:
         """glusterd's file name for a brick volfile: `VOL.HOST.PATH-DASHED.vol`."""
@@ -99,7 +136,7 @@ def brick_volfile(desc: VolumeDescription, index: int, *, create: bool = False) 
     """The volfile `mortar-brick` serves brick `index` from; `create` stamps a new brick directory."""
     brick = desc.bricks[index]
     top = desc.brick_name(index)
-    v = f"{desc.name}-{index}"
+    v = f"{desc.name}-{desc.brick_number(index)}"
     posix = {"directory": brick.path, "volume-id": desc.volume_id}
     if create:
         posix["brick-create"] = "on"
@@ -109,6 +146,7 @@ def brick_volfile(desc: VolumeDescription, index: int, *, create: bool = False) 
     else:
         server["transport.socket.listen-port"] = str(brick.port)
         server["transport.socket.bind-address"] = bind_address(brick.host)
+        server["transport.socket.local-path"] = local_socket(desc, brick)
     if desc.username:
         server[f"auth.login.{top}.allow"] = desc.username
         server[f"auth.login.{desc.username}.password"] = desc.password
@@ -145,6 +183,7 @@ def client_volfile(desc: VolumeDescription) -> str:
             opts["transport.socket.connect-path"] = brick.socket_path
         else:
             opts["remote-port"] = str(brick.port)
+            opts["transport.socket.local-path"] = local_socket(desc, brick)
         if desc.username:
             opts["username"], opts["password"] = desc.username, desc.password
         specs.append(VolumeSpec(desc.client_name(i), "protocol/client", _opts(desc, "protocol/client", opts)))
@@ -153,7 +192,7 @@ def client_volfile(desc: VolumeDescription) -> str:
         sets = [subvols[i : i + desc.replica_count] for i in range(0, len(subvols), desc.replica_count)]
         subvols = []
         for k, members in enumerate(sets):
-            name = f"{desc.name}-replicate-{k}"
+            name = desc.set_name(k * desc.replica_count)
             afr = {
                 "volume-name": desc.name,
                 "afr-pending-xattr": ",".join(members),
@@ -164,11 +203,12 @@ def client_volfile(desc: VolumeDescription) -> str:
             )
             subvols.append(name)
     if len(subvols) > 1:
-        specs.append(
-            VolumeSpec(
-                f"{desc.name}-dht", "cluster/distribute", _opts(desc, "cluster/distribute", {}), subvols
-            )
-        )
+        dht = _opts(desc, "cluster/distribute", {})
+        gone = set(desc.decommissioned)
+        drained = [desc.subvolume_name(i) for i, b in enumerate(desc.bricks) if f"{b.host}:{b.path}" in gone]
+        if drained:
+            dht["decommissioned-bricks"] = " ".join(dict.fromkeys(drained))
+        specs.append(VolumeSpec(f"{desc.name}-dht", "cluster/distribute", dht, subvols))
         subvols = [f"{desc.name}-dht"]
     if desc.client_io_threads:
         name = f"{desc.name}-io-threads"
@@ -176,5 +216,11 @@ def client_volfile(desc: VolumeDescription) -> str:
             VolumeSpec(name, "performance/io-threads", _opts(desc, "performance/io-threads", {}), subvols)
         )
         subvols = [name]
+    caches = ((desc.nl_cache, "performance/nl-cache"), (desc.md_cache, "performance/md-cache"))
+    for enabled, xl_type in caches:
+        if enabled:
+            name = f"{desc.name}-{xl_type.split('/')[1]}"
+            specs.append(VolumeSpec(name, xl_type, _opts(desc, xl_type, {}), subvols))
+            subvols = [name]
     specs.append(VolumeSpec(desc.name, "debug/io-stats", _opts(desc, "debug/io-stats", {}), subvols))
     return dump(specs)

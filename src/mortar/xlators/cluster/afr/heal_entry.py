@@ -78,9 +78,11 @@ async def _exists(afr: ReplicateBase, i: int, gfid: Gfid) -> Iatt | None:
 async def recreate(
     afr: ReplicateBase, sink: int, parent: Gfid, name: str, iatt: Iatt, sources: list[int]
 ) -> bool:
-    """Create `name` in `parent` on `sink` as the object `iatt` describes (same gfid and type), and
-    mark it pending on the sources. False when it cannot be done now (a directory with that gfid
-    lives elsewhere on the sink: healing that other parent first moves it out of the way)."""
+    """Create `name` in `parent` on `sink` as the object `iatt` describes (same gfid and type), once
+    the sources record it as pending against the sink: at no moment does the new, still empty copy
+    look complete (to a reader, a concurrent heal that would drop the index entry, or anyone after
+    a crash in between). False when it cannot be done now (a directory with that gfid lives
+    elsewhere on the sink: healing that other parent first moves it out of the way)."""
     child = afr.children[sink]
     loc = entry_loc(parent, name)
     xd = {GFID_REQ: bytes(iatt.gfid)}
@@ -88,9 +90,13 @@ async def recreate(
     elsewhere = await _exists(afr, sink, iatt.gfid)
     if elsewhere is not None and elsewhere.type_bits != iatt.type_bits:
         raise FopError(errno.EEXIST, f"gfid {iatt.gfid} is a different kind of object on {child.name}")
+    if iatt.is_dir and elsewhere is not None:
+        return False
+    mark = {afr.keys[sink]: _pending_for_new(iatt)}
+    _, bad = await afr.xattrop_on({s: dict(mark) for s in sources}, gfid_loc(iatt.gfid))
+    if bad and len(bad) == len(set(sources)):
+        raise next(iter(bad.values()))
     if iatt.is_dir:
-        if elsewhere is not None:
-            return False
         await child.mkdir(loc, perm, 0, xd)
     elif elsewhere is not None:
         await child.link(gfid_loc(iatt.gfid), loc)
@@ -106,8 +112,6 @@ async def recreate(
         await child.setattr(
             gfid_loc(iatt.gfid), AttrSet(SetAttrValid.UID | SetAttrValid.GID, uid=iatt.uid, gid=iatt.gid)
         )
-    mark = {afr.keys[sink]: _pending_for_new(iatt)}
-    await afr.xattrop_on({s: dict(mark) for s in sources}, gfid_loc(iatt.gfid))
     afr.log.info("entry heal: created %r (%s) in %s on %s", name, iatt.gfid, parent, child.name)
     return True
 
