@@ -59,6 +59,30 @@ async def test_async_file_object(avol: AsyncVolume) -> None:
         await avol.open("/missing")
 
 
+async def test_pread_buffer_is_pread_without_the_copy(avol: AsyncVolume) -> None:
+    data = os.urandom(3 * (1 << 20) + 17)
+    h = await avol.create("/buf.bin")
+    try:
+        await avol.pwrite(h, data, 0)
+        for size, offset in (
+            (100, 5),
+            (1 << 20, 0),
+            (3 * (1 << 20), 9),
+            (1 << 20, len(data) - 10),
+            (8, len(data)),
+        ):
+            got = await avol.pread_buffer(h, size, offset)
+            assert bytes(got) == await avol.pread(h, size, offset) == data[offset : offset + size]
+        with pytest.raises(OSError) as info:
+            await avol.pread_buffer(h, 1, -1)
+        assert info.value.errno == errno.EINVAL
+    finally:
+        await avol.close(h)
+    with pytest.raises(OSError) as info:
+        await avol.pread_buffer(h, 1, 0)
+    assert info.value.errno == errno.EBADF
+
+
 async def test_async_calls_run_concurrently(avol: AsyncVolume) -> None:
     await avol.mkdir("/c")
     handles = await asyncio.gather(*(avol.create(f"/c/f{i}") for i in range(100)))

@@ -24,7 +24,7 @@ Options (-o, comma separated, may be repeated):
   entry-timeout=SECONDS     how long the kernel trusts names (default 1)
   negative-timeout=SECONDS  how long the kernel remembers a missing name (default 0)
   allow_other[=on|off]      let other users in (default: on when mounted by root)
-  direct-io-mode=on|off     bypass the page cache (default off)
+  direct-io-mode=auto|on|off  bypass the page cache: auto (default) for O_DIRECT opens only
   read-ahead-kb=KIB         the kernel's read-ahead on the mount (default 1024; 0: kernel's)
   log-file=PATH, log-level=DEBUG|INFO|WARNING|ERROR, fsname=NAME
   nosuid, nodev, noexec, noatime...: mount flags, given to the kernel as they are

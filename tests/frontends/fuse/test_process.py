@@ -46,7 +46,9 @@ def test_mount_errors(volume: Path, tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "unknown translator type" in refused(capsys, "mount", "-o", logged, "--volfile", bad, mnt)
     down = tmp_path / "down.vol"  # a brick port nothing listens on
     port_line = next(line for line in volume.read_text().splitlines() if "remote-port" in line)
-    down.write_text(volume.read_text().replace(port_line, "    option remote-port 1"))
+    lines = volume.read_text().replace(port_line, "    option remote-port 1").splitlines()
+    # nor a local socket: a client on the brick's host would reach it there whatever the port
+    down.write_text("\n".join(line for line in lines if "transport.socket.local-path" not in line) + "\n")
     line = refused(capsys, "mount", "-o", logged, "--timeout", "1", "--volfile", down, mnt)
     assert "not reachable" in line
     assert not mounted_on(mnt)

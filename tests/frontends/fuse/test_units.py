@@ -6,11 +6,14 @@ import os
 
 import pytest
 
+from mortar.core.fops import Fd
 from mortar.core.gfid import ROOT_GFID, Gfid
 from mortar.core.iatt import Iatt
+from mortar.core.translator import Translator
 from mortar.frontends.fuse.identity import Identities, read_groups
 from mortar.frontends.fuse.inodes import ROOT_INO, InodeMap
 from mortar.frontends.fuse.mount import MountError, default_path, parse_request
+from mortar.frontends.fuse.ops import MortarOperations
 from mortar.frontends.fuse.options import MountOptionError, parse_options
 
 
@@ -51,6 +54,7 @@ def test_option_values() -> None:
         ("entry-timeout=soon", "not a number"),
         ("negative-timeout=nan", "negative-timeout"),
         ("direct-io-mode=maybe", "not on or off"),
+        ("direct-io-mode=", "unknown mount option"),
         ("log-level=LOUD", "log-level"),
         ("fsname=", "unknown mount option"),
         ("read-ahead-kb=-4", "read-ahead-kb"),
@@ -59,6 +63,21 @@ def test_option_values() -> None:
 def test_bad_options_are_refused(option: str, words: str) -> None:
     with pytest.raises(MountOptionError, match=words):
         parse_options([option], uid=0)
+
+
+@pytest.mark.parametrize(
+    ("mode", "plain", "o_direct"),
+    [("auto", False, True), ("on", True, True), ("off", False, False), (None, False, True)],
+)
+def test_direct_io_mode_decides_per_open(mode: str | None, plain: bool, o_direct: bool) -> None:
+    """FOPEN_DIRECT_IO per open: for O_DIRECT opens by default (auto), for all (on), or none (off)."""
+    opts = parse_options([f"direct-io-mode={mode}"] if mode else [], uid=0)
+    ops = MortarOperations(Translator("unused"), opts)
+    rec = ops.inodes.remember(_iatt(Gfid.random()))
+    for flags, expect in ((os.O_RDWR, plain), (os.O_RDWR | os.O_DIRECT, o_direct)):
+        info = ops._opened(rec, Fd(rec.gfid, flags))
+        assert info.direct_io is expect and not info.keep_cache
+        assert info.fh in rec.handles
 
 
 def test_arguments() -> None:

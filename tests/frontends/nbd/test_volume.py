@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import logging
 import os
+import shutil
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -27,11 +31,12 @@ MiB = 1024 * 1024
 HOLE = STATE_HOLE | STATE_ZERO
 
 
-def local_volfile(directory: Path, name: str) -> Path:
+def local_volfile(directory: Path, name: str, o_direct: bool = False) -> Path:
     """A volume whose graph is the brick itself (storage/posix) under io-stats, in this process."""
     path = directory / f"{name}.vol"
+    direct = "    option o-direct on\n" if o_direct else ""
     path.write_text(
-        f"volume {name}-posix\n    type storage/posix\n    option directory {directory / 'brick'}\n"
+        f"volume {name}-posix\n    type storage/posix\n{direct}    option directory {directory / 'brick'}\n"
         f"    option volume-id {uuid.uuid4()}\n    option brick-create on\nend-volume\n\n"
         f"volume {name}\n    type debug/io-stats\n    subvolumes {name}-posix\nend-volume\n"
     )
@@ -210,6 +215,58 @@ async def test_read_write_round_trip_unaligned(disk: VolumeExport) -> None:
     await disk.flush()
 
 
+def brick_fd_flags(image: Path) -> list[int]:
+    """The open flags of every descriptor this process holds on `image` (the in-process brick's)."""
+    ino = image.stat().st_ino
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.stat(f"/proc/self/fd/{name}").st_ino != ino:
+                continue
+            info = Path(f"/proc/self/fdinfo/{name}").read_text()
+        except OSError:
+            continue  # closed meanwhile (listdir's own descriptor)
+        found.append(int(info.split("flags:")[1].split()[0], 8))
+    return found
+
+
+@pytest.mark.parametrize(("cache", "direct"), [("none", True), ("writeback", False)])
+async def test_cache_mode_decides_o_direct_on_the_brick(tmp_path: Path, cache: str, direct: bool) -> None:
+    """cache=none opens images O_DIRECT, which a brick with o-direct on honours;
+    requests not in whole blocks (which O_DIRECT refuses) go through a second, buffered handle,
+    and either way the data reads back as written."""
+    _, volume = await open_volume(str(local_volfile(tmp_path, "d", o_direct=True)), timeout=10)
+    try:
+        await write_file(volume, "/img", 4 * MiB)
+        provider = VolumeExportProvider({"d": volume}, cache=cache)
+        export = await provider.open_export("d/img", read_only=False)
+        try:
+            image = tmp_path / "brick" / "img"
+            assert [bool(f & os.O_DIRECT) for f in brick_fd_flags(image)] == [direct]
+            block = os.urandom(MiB)
+            await export.pwrite(block, MiB, fua=False)  # whole blocks: the main handle only
+            assert bytes(await export.pread(MiB, MiB)) == block
+            assert len(brick_fd_flags(image)) == 1
+            data = os.urandom(MiB + 3)
+            await export.pwrite(data, 4097, fua=False)
+            assert bytes(await export.pread(len(data), 4097)) == data
+            assert bytes(await export.pread(100, 4 * MiB - 100)) == bytes(100)
+            # an aligned read (the O_DIRECT handle) sees what the buffered handle wrote
+            end = 4097 + len(data)
+            assert bytes(await export.pread(8192, MiB)) == data[MiB - 4097 :] + block[end - MiB : 8192]
+            await export.flush()
+            expect = [False, True] if direct else [False]
+            assert sorted(bool(f & os.O_DIRECT) for f in brick_fd_flags(image)) == expect
+        finally:
+            await export.close()
+        assert brick_fd_flags(tmp_path / "brick" / "img") == []
+    finally:
+        await volume.aclose()
+    assert VolumeExportProvider().cache == "writeback"  # qemu-nbd's default
+    with pytest.raises(ValueError, match="cache mode"):
+        VolumeExportProvider(cache="unsafe")
+
+
 async def test_fua_and_flush_reach_the_volume_as_fsync(vol: AsyncVolume, disk: VolumeExport) -> None:
     base = fop_calls(vol).get("fsync", 0)
     await disk.pwrite(b"x" * 4096, 0, fua=False)
@@ -331,18 +388,26 @@ class Restarts:
 
 
 @pytest.mark.integration
-async def test_export_survives_a_brick_restart(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("cache", ["writeback", "none"])
+async def test_export_survives_a_brick_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, cache: str
+) -> None:
     """The brick forgets its fds when it restarts; the export opens the file again (same gfid) and
-    the request goes on. A file replaced meanwhile is not silently written instead: ESTALE."""
+    the request goes on. A file replaced meanwhile is not silently written instead: ESTALE. With
+    cache=none both handles (O_DIRECT, and the buffered one for odd-sized requests) come back."""
     with cluster(tmp_path, replica=1) as vol_cluster:
         _, vol = await open_volume(str(vol_cluster.client_volfile), timeout=10)
         try:
             await write_file(vol, "/disk.raw", 4 * MiB, b"before", at=MiB)
-            provider = VolumeExportProvider({"vol": vol})
+            provider = VolumeExportProvider({"vol": vol}, cache=cache)
             export = await provider.open_export("vol/disk.raw", read_only=False)
             bricks = Restarts(vol, vol_cluster)
             try:
                 await export.pwrite(b"acked", 2 * MiB, fua=True)
+                await export.pwrite(bytes(4096), 3 * MiB, fua=False)  # whole blocks
+                await bricks.restart()
+                assert bytes(await export.pread(5, 2 * MiB)) == b"acked"  # the odd-sized handle
+                assert bytes(await export.pread(4096, 3 * MiB)) == bytes(4096)  # the main one
                 await bricks.restart()
                 with caplog.at_level(logging.INFO, logger="mortar.frontends.nbd.volume"):
                     assert bytes(await export.pread(6, MiB)) == b"before"
@@ -360,3 +425,44 @@ async def test_export_survives_a_brick_restart(tmp_path: Path, caplog: pytest.Lo
                 await export.close()
         finally:
             await vol.aclose()
+
+
+@pytest.mark.interop
+@pytest.mark.skipif(shutil.which("fio") is None, reason="fio is not installed")
+def test_fio_verifies_cache_none_on_an_o_direct_brick(tmp_path: Path) -> None:
+    """fio's nbd engine with crc32c verification through `--cache none` onto a brick that honours
+    O_DIRECT: requests of 512 bytes to 256 KiB, so both handles serve (most are not whole 4 KiB
+    blocks) and what one wrote the other reads."""
+    with cluster(tmp_path, replica=1) as vol_cluster:
+        for brick in vol_cluster.bricks:
+            posix = "    type storage/posix\n"
+            brick.volfile.write_text(
+                brick.volfile.read_text().replace(posix, f"{posix}    option o-direct on\n")
+            )
+            vol_cluster.restart(brick.index)
+
+        async def make_image() -> None:
+            _, vol = await open_volume(str(vol_cluster.client_volfile), timeout=10)
+            try:
+                await write_file(vol, "/disk.raw", 16 * MiB)
+            finally:
+                await vol.aclose()
+
+        asyncio.run(make_image())
+        sock = str(tmp_path / "nbd.sock")
+        cmd = [sys.executable, "-m", "mortar.frontends.nbd", "--volfile", str(vol_cluster.client_volfile)]
+        cmd += ["--socket", sock, "--cache", "none", "--log-file", str(tmp_path / "nbd.log")]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        try:
+            assert proc.stdout is not None and "ready" in [proc.stdout.readline().strip() for _ in range(2)]
+            job = ["fio", "--name=v", "--ioengine=nbd", f"--uri=nbd+unix:///vol/disk.raw?socket={sock}"]
+            job += ["--rw=randwrite", "--bsrange=512-256k", "--size=16m", "--iodepth=8", "--verify=crc32c"]
+            job += ["--do_verify=1", "--verify_fatal=1", "--verify_state_save=0", "--output-format=json"]
+            done = subprocess.run(job, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+            assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+            report = json.loads(done.stdout[done.stdout.index("{") :])["jobs"][0]
+            assert report["error"] == 0 and report["read"]["io_bytes"] == report["write"]["io_bytes"] > 0
+        finally:
+            proc.terminate()
+            assert proc.wait(20) == 0
+        assert "Traceback" not in (tmp_path / "nbd.log").read_text()

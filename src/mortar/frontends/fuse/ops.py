@@ -523,8 +523,15 @@ class MortarOperations(pyfuse3.Operations):
         self._files[fh] = FileHandle(rec.ino, fd, call_context.get())
         rec.handles.add(fh)
         # keep_cache off: each open drops cached pages, so a file reopened after another client
-        # wrote it is read fresh (close-to-open consistency)
-        return pyfuse3.FileInfo(fh=fh, direct_io=self.options.direct_io, keep_cache=False)
+        # wrote it is read fresh (close-to-open consistency).
+        # direct_io for O_DIRECT opens (direct-io-mode=auto): the kernel then hands each request
+        # over as the application made it and keeps several in flight; without it, O_DIRECT
+        # writes of one file reached us at most two at a time (measured against `off`: 4 KiB random
+        # writes at 32 in flight ~2.2x the IOPS, 1 MiB sequential writes ~1.7x, reads alike).
+        direct = self.options.direct_io
+        if direct is None:
+            direct = bool(fd.flags & os.O_DIRECT)
+        return pyfuse3.FileInfo(fh=fh, direct_io=direct, keep_cache=False)
 
     @handler
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
@@ -544,6 +551,10 @@ class MortarOperations(pyfuse3.Operations):
             self._entry_loc(parent, name), flags | os.O_CREAT, mode & 0o7777, 0, fd, {GFID_REQ: bytes(gfid)}
         )
         rec, attrs = self._entry(reply.iatt, parent)
+        if reply.iatt.gfid == gfid:
+            # made just now, so it has no security.capability: the kernel's question before the
+            # first write (one round trip per small file written) is answered here
+            rec.no_capability_until = time.monotonic() + self.options.attr_timeout
         fd.inode = rec.inode
         return self._opened(rec, fd), attrs
 

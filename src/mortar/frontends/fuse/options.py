@@ -44,7 +44,7 @@ KNOWN = (
     "entry-timeout=SECONDS",
     "negative-timeout=SECONDS",
     "allow_other[=on|off]",
-    "direct-io-mode=on|off",
+    "direct-io-mode=auto|on|off",
     "log-file=PATH",
     "log-level=LEVEL",
     "fsname=NAME",
@@ -63,7 +63,9 @@ class MountOptions:
     entry_timeout: float = 1.0
     negative_timeout: float = 0.0
     allow_other: bool = True
-    direct_io: bool = False
+    #: FOPEN_DIRECT_IO: True for every open, False for none, None ("auto") for opens with O_DIRECT,
+    #: whose requests then reach the volume as the application sent them (see ops.py `_opened`)
+    direct_io: bool | None = None
     log_file: str | None = None
     log_level: str = "INFO"
     fsname: str | None = None
@@ -139,7 +141,7 @@ def _apply(opts: MountOptions, key: str, value: str, item: str) -> None:
     elif key == "negative-timeout":
         opts.negative_timeout = _seconds(key, value)
     elif key == "direct-io-mode":
-        opts.direct_io = _switch(key, value)
+        opts.direct_io = None if value.lower() == "auto" else _switch(key, value)
     elif key == "log-file":
         opts.log_file = value
     elif key == "log-level":

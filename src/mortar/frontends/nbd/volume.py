@@ -8,8 +8,17 @@ writes acknowledged on all of them, which is what NBD's multi-conn promises. The
 file size when the connection opened, so an image resized under a connection shows its new size
 when the client reconnects (as with any NBD server).
 
-Durability: WRITE returns once every brick acknowledged it (in the brick's page cache); FUA and
-FLUSH return once it is on stable storage on every brick that acknowledged (fdatasync).
+Durability: WRITE returns once every brick acknowledged it (in the brick's page cache, or on the
+disk with cache mode `none` on a brick with `storage.o-direct on`); FUA and FLUSH return once it is
+on stable storage on every brick that acknowledged (fdatasync).
+
+Cache mode (qemu-nbd's words and default): `writeback` goes through the bricks' page caches;
+`none` opens images with O_DIRECT, so a brick that honours it (`storage.o-direct on`, as VM
+volumes have) reads and writes them without its page cache, as QEMU's cache=none or fio's
+direct=1 ask of a local image (an NBD client cannot say so itself). Either way a WRITE is durable
+at FLUSH or FUA, as NBD promises. Measured on one o-direct brick (fio nbd engine, medians of 3
+interleaved runs): with `none` sequential 1 MiB reads ran ~1.9x as fast (cold buffered reads are
+slow here), sequential writes ~0.75x and 4 KiB random writes ~0.65x.
 """
 
 from __future__ import annotations
@@ -43,6 +52,12 @@ MAX_EXTENTS = 256  # block status extents per reply: each costs two seeks (netwo
 CACHE_LIMIT = 32 * 1024 * 1024  # bytes a CACHE hint prefetches at most
 _ZEROS = bytes(8 * IO_CHUNK)  # zeros written when neither discard nor zerofill can do it
 HOLE = STATE_HOLE | STATE_ZERO
+#: cache modes: the open flags each adds (see the module docstring)
+CACHE_MODES = {"none": os.O_DIRECT, "writeback": 0}
+DEFAULT_CACHE = "writeback"
+#: O_DIRECT on a brick needs offsets and lengths in whole blocks: other requests of a cache=none
+#: export go through a second, buffered handle (the brick's kernel keeps the two coherent)
+DIRECT_ALIGN = 4096
 
 
 def split_export_name(name: str) -> tuple[str, str]:
@@ -78,6 +93,8 @@ class VolumeExport:
         self.read_only = read_only
         self.description = description
         self._handle = handle
+        self._direct = bool(handle.flags & os.O_DIRECT)
+        self._plain: FileHandle | None = None  # buffered twin for unaligned requests (see _slot)
         self._gfid = gfid
         self._reopening: asyncio.Lock = asyncio.Lock()
         self._closed = False
@@ -87,11 +104,17 @@ class VolumeExport:
 
     @classmethod
     async def open(
-        cls, volume: AsyncVolume, path: str, read_only: bool, description: str = ""
+        cls,
+        volume: AsyncVolume,
+        path: str,
+        read_only: bool,
+        description: str = "",
+        cache: str = DEFAULT_CACHE,
     ) -> VolumeExport:
         """Open `path` on `volume`; KeyError when it is missing or not a regular file."""
+        flags = (os.O_RDONLY if read_only else os.O_RDWR) | CACHE_MODES[cache]
         try:
-            handle = await volume.open_fd(path, os.O_RDONLY if read_only else os.O_RDWR)
+            handle = await volume.open_fd(path, flags)
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             raise KeyError(path) from None
         try:
@@ -103,10 +126,17 @@ class VolumeExport:
             raise
         return cls(volume, handle, st.gfid, st.st_size, read_only, description)
 
-    # ---- the handle, reopened after the brick connection it lived on was lost --------------
+    # ---- the handles, reopened after the brick connection they lived on was lost -------------
 
-    async def _io(self, call: Callable[[FileHandle], Awaitable[_T]]) -> _T:
-        """Run `call` on the handle; once more on a fresh handle if the brick forgot this one.
+    def _slot(self, offset: int, length: int) -> str:
+        """Which handle serves a request: the main one, or for an O_DIRECT export a request that is
+        not in whole blocks the buffered twin (an O_DIRECT brick would answer it EINVAL)."""
+        if self._direct and (offset | length) % DIRECT_ALIGN:
+            return "_plain"
+        return "_handle"
+
+    async def _io(self, call: Callable[[FileHandle], Awaitable[_T]], offset: int = 0, length: int = 0) -> _T:
+        """Run `call` on the handle for this range; once more on a fresh handle if the brick forgot it.
 
         A brick that restarted (or a connection that was re-established) no longer knows the fds
         opened on the old connection and answers EBADF, as GlusterFS's protocol/client does until
@@ -114,29 +144,44 @@ class VolumeExport:
         rename or replacement meanwhile fails the request with ESTALE instead of writing elsewhere.
         A request that failed with EBADF never reached the file, so running it again is safe.
         """
-        handle = self._handle
+        slot = self._slot(offset, length)
+        handle: FileHandle | None = getattr(self, slot)
+        if handle is None:
+            handle = await self._open_plain()
         try:
             return await call(handle)
         except OSError as exc:
             if exc.errno != errno.EBADF or self._closed:
                 raise
-        await self._reopen(handle)
-        return await call(self._handle)
+        await self._reopen(handle, slot)
+        return await call(getattr(self, slot))
 
-    async def _reopen(self, stale: FileHandle) -> None:
+    async def _fresh(self, flags: int) -> FileHandle:
+        """The exported file opened again by path; ESTALE if the path now names another file."""
+        fresh = await self.volume.open_fd(self.path, flags)
+        try:
+            gfid = (await self.volume.fstat(fresh)).gfid
+        except BaseException:
+            await self.volume.close(fresh)
+            raise
+        if gfid != self._gfid:
+            await self.volume.close(fresh)
+            raise OSError(errno.ESTALE, f"{self.path} was replaced while it was exported", self.path)
+        return fresh
+
+    async def _open_plain(self) -> FileHandle:
         async with self._reopening:
-            if self._handle is not stale or self._closed:
+            if self._closed:
+                raise OSError(errno.EBADF, "the export is closed", self.path)
+            if self._plain is None:
+                self._plain = await self._fresh(self._handle.flags & ~os.O_DIRECT)
+            return self._plain
+
+    async def _reopen(self, stale: FileHandle, slot: str) -> None:
+        async with self._reopening:
+            if getattr(self, slot) is not stale or self._closed:
                 return  # another request already reopened it
-            fresh = await self.volume.open_fd(self.path, stale.flags)
-            try:
-                gfid = (await self.volume.fstat(fresh)).gfid
-            except BaseException:
-                await self.volume.close(fresh)
-                raise
-            if gfid != self._gfid:
-                await self.volume.close(fresh)
-                raise OSError(errno.ESTALE, f"{self.path} was replaced while it was exported", self.path)
-            self._handle = fresh
+            setattr(self, slot, await self._fresh(stale.flags))
             log.info("%s: reopened after its brick connection was lost", self.path)
         with contextlib.suppress(OSError):
             await self.volume.close(stale)  # forgets it; the brick already released it
@@ -144,13 +189,15 @@ class VolumeExport:
     # ---- ExportBackend ---------------------------------------------------------------------
 
     async def pread(self, length: int, offset: int) -> Buffer:
-        data = await self._io(lambda h: self.volume.pread(h, length, offset))
-        if len(data) < length:  # past the end of a file that is now shorter than the export
-            data += bytes(length - len(data))
+        # the stack's own buffer (a 1 MiB read is received into a buffer of its own), not a copy
+        data = await self._io(lambda h: self.volume.pread_buffer(h, length, offset), offset, length)
+        got = memoryview(data).nbytes
+        if got < length:  # past the end of a file that is now shorter than the export
+            return bytes(data) + bytes(length - got)
         return data
 
     async def pwrite(self, data: Buffer, offset: int, fua: bool) -> None:
-        await self._io(lambda h: self.volume.pwrite(h, data, offset))
+        await self._io(lambda h: self.volume.pwrite(h, data, offset), offset, memoryview(data).nbytes)
         if fua:
             await self.flush()
 
@@ -197,14 +244,14 @@ class VolumeExport:
             offset += len(zeros)
 
     async def _write_at(self, data: memoryview, offset: int) -> None:
-        await self._io(lambda h: self.volume.pwrite(h, data, offset))
+        await self._io(lambda h: self.volume.pwrite(h, data, offset), offset, len(data))
 
     async def cache(self, length: int, offset: int) -> None:
-        """Read the range and drop it: the bricks' page caches (and any caching translator of
-        the client graph) then hold it. Bounded, as it is only a hint."""
+        """Read the range and drop it: the bricks' page caches (unless O_DIRECT bypasses them) and
+        any caching translator of the client graph then hold it. Bounded, as it is only a hint."""
         length = min(length, CACHE_LIMIT, max(0, self.size - offset))
         if length:
-            await self._io(lambda h: self.volume.pread(h, length, offset))
+            await self._io(lambda h: self.volume.pread_buffer(h, length, offset), offset, length)
 
     async def block_status(self, length: int, offset: int) -> list[tuple[int, int]]:
         """Data and holes from SEEK_DATA/SEEK_HOLE on the file; past its end, holes (zeros).
@@ -249,13 +296,16 @@ class VolumeExport:
             return
         self._closed = True
         async with self._reopening:
-            handle = self._handle
-        if not handle.closed:
+            handles = [h for h in (self._handle, self._plain) if h is not None and not h.closed]
+        failure: OSError | None = None
+        for handle in handles:
             try:
                 await self.volume.close(handle)
             except OSError as exc:
                 if exc.errno != errno.EBADF:  # else the brick already forgot it (it restarted)
-                    raise
+                    failure = failure or exc
+        if failure is not None:
+            raise failure
 
 
 class VolumeExportProvider:
@@ -270,7 +320,11 @@ class VolumeExportProvider:
         *,
         default: str | None = None,
         list_limit: int = LIST_LIMIT,
+        cache: str = DEFAULT_CACHE,
     ) -> None:
+        if cache not in CACHE_MODES:
+            raise ValueError(f"cache mode {cache!r} is not one of {', '.join(CACHE_MODES)}")
+        self.cache = cache
         self._volumes: dict[str, AsyncVolume] = {}
         for name, volume in (volumes or {}).items():
             self.add_volume(name, volume)
@@ -309,7 +363,7 @@ class VolumeExportProvider:
     async def open_export(self, name: str, read_only: bool) -> VolumeExport:
         volume, path = self.resolve(name)
         try:
-            return await VolumeExport.open(volume, path, read_only, f"{name} on mortar volume")
+            return await VolumeExport.open(volume, path, read_only, f"{name} on mortar volume", self.cache)
         except KeyError:
             raise KeyError(name) from None
 
