@@ -42,15 +42,20 @@ _EMPTY = array("q", [UNMAPPED]) * LEAF_BLOCKS
 
 
 class Leaf:
-    __slots__ = ("id", "map", "rc")
+    """512 map entries and how many of them are mapped: the count is kept as entries change
+    (`Mapping.set_entry`, `Mapping.unmap`), so a volume's allocation is a sum over its leaves
+    rather than a scan of every entry (snapshot creation reports it and must not grow with size)."""
+
+    __slots__ = ("count", "id", "map", "rc")
 
     def __init__(self, node_id: int, entries: array[int] | None = None) -> None:
         self.id = node_id
         self.rc = 0
         self.map: array[int] = entries if entries is not None else array("q", _EMPTY)
+        self.count = LEAF_BLOCKS - self.map.count(UNMAPPED)
 
     def mapped(self) -> int:
-        return LEAF_BLOCKS - self.map.count(UNMAPPED)
+        return self.count
 
     def blob(self) -> bytes:
         return _le(array("q", self.map)).tobytes()
@@ -201,6 +206,7 @@ class Mapping:
             self.top_edits.setdefault(top.id, (top, set()))[1].add(li)
 
     def set_entry(self, leaf: Leaf, j: int, b: int) -> None:
+        leaf.count += (b >= 0) - (leaf.map[j] >= 0)
         leaf.map[j] = b
         self.dirty_leaves[leaf.id] = leaf
 
@@ -245,9 +251,10 @@ class Mapping:
                 b = m[j]
                 if b >= 0:
                     m[j] = UNMAPPED
+                    leaf.count -= 1
                     self.unref_block(b)
             self.dirty_leaves[leaf.id] = leaf
-            if m.count(UNMAPPED) == LEAF_BLOCKS:
+            if leaf.count == 0:
                 self.drop_leaf(top, li)
 
     # -- transactions ---------------------------------------------------------------------------
