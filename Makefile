@@ -29,10 +29,13 @@ stop:
 test: setup
 	$(PY) -m pytest -q
 
-# the seed's full table, mortar beside GlusterFS 10 and the local disk (~36 min on 2 cores);
-# `make bench BENCH_ARGS=--quick` checks everything end to end in a few minutes (see bench/README.md)
+# every scenario in one go: the seed's full table, mortar beside GlusterFS 10 and the local disk
+# (~36 min on 2 cores), then thin (issue 7) and heal (issue 4); BENCH_SCENARIO=seed (or thin, heal,
+# foundation) runs one; `make bench BENCH_ARGS=--quick` checks everything end to end in a few
+# minutes (see bench/README.md)
+BENCH_SCENARIO ?= all
 bench: setup $(STAMPS)/bench
-	$(PY) bench/run.py $(BENCH_ARGS)
+	$(PY) bench/run.py --scenario $(BENCH_SCENARIO) $(BENCH_ARGS)
 
 $(STAMPS)/bench: pyproject.toml $(STAMPS)/python
 	$(PY) -m pip install -q -e '.[bench]'

@@ -1,4 +1,5 @@
 """The foundation's figures: the native client through one brick on loopback against the local disk.
+The brick and the client run in the benchmark's own network namespace (bench/netns.py).
 
 Jobs: 1 MiB sequential write (then fsync) and read of one file, and 4 KiB random reads with 32 in
 flight. The local rows use `os.pwrite`/`os.pread` on the same file system with the same pattern
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import uvloop
 
+from bench import netns
 from bench.common import Cell, bench_dir, brick_process, drop_caches, repeat
 from mortar.client import AsyncVolume
 
@@ -147,7 +149,8 @@ def run(size_mib: int = 1024, reps: int = 3, seconds: float = 5.0, profile: str 
             repeat(row, "rand read 4K QD32", "IOPS", reps, lambda: _local_randread(local, size, seconds)),
         ]
         local.unlink()
-        with brick_process(work, profile) as volfile:
+        # the brick (on loopback) and the client (this process's loop) in the run's own namespace
+        with netns.bench_network(), brick_process(work, profile) as volfile:
             cells += uvloop.run(_mortar_jobs(volfile, size, reps, seconds))
         return cells
     finally:

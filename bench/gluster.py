@@ -5,8 +5,9 @@ glusterd runs in its own mount and PID namespaces (`unshare -m -p`): /var/lib/gl
 and its CLI socket is there too. So a system glusterd's state is never read or written, every
 brick and self-heal daemon glusterd spawns lives in that PID namespace, and when the namespace's
 first process exits (orderly stop, a crash, or the benchmark being killed) the kernel kills them
-all and the bind mounts vanish. Only TCP port 24007 is shared with the host: glusterd's clients
-(gfapi in fio and QEMU) always ask that port for volfiles, so a system glusterd must not be running.
+all and the bind mounts vanish. The network is the run's own namespace (bench/netns.py): glusterd's
+TCP port 24007, which its clients (gfapi in fio and QEMU, FUSE mounts) always ask for volfiles, and
+the bricks' ports exist only there, so a system glusterd on the host is neither met nor disturbed.
 """
 
 from __future__ import annotations
@@ -15,13 +16,12 @@ import contextlib
 import logging
 import os
 import shutil
-import socket
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import procs
+from bench import netns, procs
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +38,10 @@ def ensure_installed() -> None:
         raise RuntimeError("GlusterFS is not installed and installing it needs root")
     log.info("installing %s", " ".join(_PACKAGES))
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    if procs.run(["apt-get", "install", "-y", *_PACKAGES], check=False, env=env).returncode != 0:
-        procs.run(["apt-get", "update", "-qq"], env=env)
-        procs.run(["apt-get", "install", "-y", *_PACKAGES], env=env)
+    with netns.host_network():  # the package mirror is outside the benchmark's namespace
+        if procs.run(["apt-get", "install", "-y", *_PACKAGES], check=False, env=env).returncode != 0:
+            procs.run(["apt-get", "update", "-qq"], env=env)
+            procs.run(["apt-get", "install", "-y", *_PACKAGES], env=env)
 
 
 def version() -> str:
@@ -48,22 +49,15 @@ def version() -> str:
 
 
 def host_address() -> str:
-    """A non-loopback address of this host: glusterd refuses bricks on localhost/127.x."""
-    with contextlib.suppress(OSError, FileNotFoundError, subprocess.SubprocessError):
-        for addr in procs.run(["hostname", "-I"]).stdout.split():
-            if "." in addr and not addr.startswith("127."):
-                return addr
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.connect(("192.0.2.1", 9))  # no packet is sent; this only picks the outgoing interface
-        addr = s.getsockname()[0]
-    if addr.startswith("127."):
-        raise RuntimeError("no non-loopback IPv4 address: GlusterFS bricks cannot be created")
-    return str(addr)
-
-
-def _port_in_use(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
+    """The address for bricks (glusterd refuses 127.x): that of the benchmark's network namespace the
+    calling thread is in (bench/netns.py); outside one there is none to use (the host's is not)."""
+    net = netns.current()
+    if net is None:
+        raise RuntimeError(
+            "GlusterFS needs a non-loopback address and the benchmark uses only its own network "
+            "namespace's: call this inside `with bench.netns.bench_network() as net:` (or use net.addr)"
+        )
+    return net.addr
 
 
 @dataclass
@@ -96,11 +90,6 @@ class Glusterd:
     # ---- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        if _port_in_use(GLUSTERD_PORT):
-            raise RuntimeError(
-                f"port {GLUSTERD_PORT} is taken (a system glusterd?): the benchmark runs its own glusterd "
-                "and leaves a system one alone; stop it or run the benchmark on another host"
-            )
         for sub in _BINDS:
             (self.workdir / sub).mkdir(parents=True, exist_ok=True)
         groups = Path(_BINDS["lib"]) / "groups"
@@ -239,11 +228,13 @@ class Glusterd:
 
 
 @contextlib.contextmanager
-def private_glusterd(workdir: Path) -> Iterator[Glusterd]:
-    """A started private glusterd; stopped, and its state removed, however the block exits."""
+def private_glusterd(workdir: Path, host: str | None = None) -> Iterator[Glusterd]:
+    """A started private glusterd with bricks on `host` (default: host_address()); stopped, and its
+    state removed, however the block exits. Start it inside the run's network namespace."""
     ensure_installed()
     workdir.mkdir(parents=True, exist_ok=True)
-    gd = Glusterd(workdir, host_address())
+    netns.require("glusterd (port 24007 and its bricks' ports)")
+    gd = Glusterd(workdir, host or host_address())
     fio_log = Path("/tmp/fio_gfapi.log")  # fio's gfapi engine always logs here
     fio_log_existed = fio_log.exists()
     try:

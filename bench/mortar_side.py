@@ -4,9 +4,8 @@ volfiles (the one mortar generates and a hand-written minimal one), and the fron
 Volumes normally come from a private mortard (bench/mortard.py): `volume create`, `volume set
 group virt`, `volume start`, the client volfile fetched from its API. `brick_volume` is the way
 without a node daemon: `mortar-brick` processes started from volgen's brick volfiles. VM-image
-volumes get mortar's `group virt` plus `storage.o-direct on` (VIRT_EXTRA): GlusterFS's group virt
-makes O_DIRECT reach the brick (strict-o-direct on, remote-dio disable) and mortar's does not say
-so, so the bench sets it to compare the same durability. With `--profile` the FUSE mount and NBD
+volumes get mortar's `group virt` (whose `storage.o-direct on` gives the durability GlusterFS's
+group virt gives with strict-o-direct on and remote-dio disable). With `--profile` the FUSE mount and NBD
 server processes run under py-spy (and the bricks: directly here, through nsenter with mortard).
 """
 
@@ -26,19 +25,16 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import procs
+from bench import netns, procs
 from mortar.graph.volfile import VolumeSpec, dump, parse
 from mortar.mgmt.volgen import Brick, VolumeDescription, brick_volfile, client_volfile
 
 log = logging.getLogger(__name__)
 
-#: added to mortar's group virt so O_DIRECT reaches the brick as it does on GlusterFS's virt volumes
-VIRT_EXTRA = {"storage.o-direct": "on"}
-
 
 def virt_options() -> tuple[dict[str, str], dict[str, str]]:
-    """`volume set` keys for VM-image volumes: mortar's group virt plus VIRT_EXTRA, key by key (as
-    the GlusterFS side does), and the keys this build refuses with the reason."""
+    """`volume set` keys for VM-image volumes: mortar's group virt, key by key (as the GlusterFS side
+    does), and the keys this build refuses with the reason."""
     from mortar.mgmt import volopts
 
     text = importlib.resources.files("mortar.mgmt").joinpath("groups", "virt").read_text()
@@ -47,7 +43,6 @@ def virt_options() -> tuple[dict[str, str], dict[str, str]]:
         key, sep, value = raw.split("#", 1)[0].partition("=")
         if sep:
             wanted[key.strip()] = value.strip()
-    wanted.update(VIRT_EXTRA)
     taken: dict[str, str] = {}
     refused: dict[str, str] = {}
     for key, value in wanted.items():
@@ -124,9 +119,10 @@ def brick_volume(
     profile_dir: Path | None = None,
 ) -> Iterator[MortarVolume]:
     """Without a node daemon: start the bricks of a new volume from volgen's brick volfiles (with
-    mortar's group virt and VIRT_EXTRA applied through volopts); yields the volume; stops them."""
+    mortar's group virt applied through volopts); yields the volume; stops them."""
     from mortar.mgmt import volopts
 
+    netns.require("mortar's bricks", host)
     workdir.mkdir(parents=True, exist_ok=True)
     desc = VolumeDescription(
         name,
@@ -220,6 +216,10 @@ def nbd_server(vol: MortarVolume, profile_dir: Path | None = None) -> Iterator[C
         "127.0.0.1",
         "--port",
         "0",
+        # images opened O_DIRECT on the bricks, as gfapi with direct=1 and the virt group's
+        # strict-o-direct do on the GlusterFS rows (the NBD protocol itself carries no such flag)
+        "--cache",
+        "none",
         "--log-level",
         "WARNING",
     ]

@@ -2,9 +2,10 @@
 (`mortar volume create / set group virt / start`), beside the private glusterd.
 
 Like the glusterd (bench/gluster.py) it runs in its own PID and mount namespaces (`unshare -p -m`),
-with its state and logs in the run's work directory and its HTTP API on a free loopback port, so
-it never meets a system mortard, and its bricks (which outlive a stopped mortard by design) die
-with the namespace however the benchmark ends. py-spy reaches the bricks from inside the
+with its state and logs in the run's work directory and its HTTP API on a free loopback port of the
+run's network namespace (bench/netns.py: start it, and call `cli`, inside that namespace), so it
+never meets a system mortard, and its bricks (which outlive a stopped mortard by design) die with
+the PID namespace however the benchmark ends. py-spy reaches the bricks from inside the
 namespace (`nsenter`), where the brick pids mortard reports are valid.
 """
 
@@ -21,8 +22,8 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from bench import procs
-from bench.mortar_side import VIRT_EXTRA, MortarVolume, minimal_volfile
+from bench import netns, procs
+from bench.mortar_side import MortarVolume, minimal_volfile
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +56,14 @@ class Mortard:
         self.profilers: list[subprocess.Popen[bytes]] = []
 
     def start(self) -> None:
+        netns.require("mortard's bricks", self.host)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = _free_port_run()
         cmd = [
             str(procs.BIN / "mortard"), "--foreground", "--workdir", str(self.workdir / "state"),
             "--logdir", str(self.workdir / "log"), "--listen", "127.0.0.1", "--port", str(self.port),
             "--hostname", self.host, "--log-level", "WARNING",
+            "--no-nbd",  # the benchmark runs its own NBD servers; port 10809 may be another's
         ]  # fmt: skip
         # sh stays PID 1 of the namespace (it reaps); when it exits, mortard and its bricks go too
         ns = ["unshare", "-p", "-f", "-m", "--mount-proc", "--propagation", "private", "--kill-child"]
@@ -83,14 +86,21 @@ class Mortard:
         return procs.run(cmd, check=check, timeout=timeout)
 
     def create_volume(
-        self, name: str, bricks: list[Path], replica: int, virt: bool, profile_dir: Path | None
+        self,
+        name: str,
+        bricks: list[Path],
+        replica: int,
+        virt: bool,
+        profile_dir: Path | None,
+        layout: tuple[str, ...] = (),
     ) -> tuple[MortarVolume, dict[str, str]]:
-        """Create, configure and start a volume; returns it and the options mortar refused."""
-        args = ["volume", "create", name] + (["replica", str(replica)] if replica > 1 else [])
+        """Create, configure and start a volume; returns it and the options mortar refused.
+        `layout`: more words for `volume create` before the bricks (e.g. device lv pool-size 8G)."""
+        args = ["volume", "create", name, *layout] + (["replica", str(replica)] if replica > 1 else [])
         self.cli(*args, *[f"{self.host}:{b}" for b in bricks], "force")
         self.volumes.append(name)
         refused: dict[str, str] = {}
-        wanted = [("group", "virt"), *VIRT_EXTRA.items()] if virt else []
+        wanted = [("group", "virt")] if virt else []
         for key, value in wanted:
             res = self.cli("volume", "set", name, key, value, check=False)
             if res.returncode != 0:

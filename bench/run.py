@@ -6,10 +6,18 @@
     bench/run.py --profile ...        mortar's processes under py-spy; profiles and their top
                                       functions are saved beside the results
     bench/run.py --scenario foundation   the native client through one brick vs the local disk
+    bench/run.py --scenario thin      thin volumes vs a raw file: I/O, snapshot time, clone (issue 7)
+    bench/run.py --scenario heal      replica-3 self-heal throughput, mortar vs GlusterFS (issue 4)
+    bench/run.py --scenario all       seed, then thin, then heal (what `make bench` runs)
 
 Rows: base, gluster-fuse, gluster-native, mortar-fuse, mortar-nbd, mortar-native, mortar-custom.
 Shapes: 1 (one brick), 3 (replica 3 on this host). Jobs: seqread, seqwrite, randread, randwrite,
-convert, smallfiles. Must run as root (GlusterFS, FUSE, dropping caches).
+convert, smallfiles. Must run as root (GlusterFS, FUSE, dropping caches, the network namespace).
+
+Both systems' servers and all their clients run in a network namespace of the run's own,
+mortar-bench-<pid> (address 198.18.0.1; see it with `ip netns exec mortar-bench-<pid> ss -ltnp`);
+nothing listens on the host's network. It is removed at the end, and a run deletes those left by
+benchmarks that were killed (bench/netns.py).
 
 Outputs go to bench/results/: <name>.json (every run of every cell), <name>.md (the tables) and
 <name>.png (mortar / GlusterFS ratios). <name> is "seed" for a full default run, "seed-quick" for
@@ -29,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import foundation, procs, report, seed
+from bench import foundation, heal, procs, report, seed, thin
 from bench.common import markdown_table
 from bench.profile_top import summarise
 
@@ -51,7 +59,14 @@ def _list(value: str, allowed: list[str], what: str) -> list[str]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--scenario", default="seed", choices=["seed", "foundation"])
+    ap.add_argument(
+        "--scenario",
+        default="seed",
+        choices=["seed", "foundation", "thin", "heal", "all"],
+        help="seed (default: the seed's table), foundation, thin (thin volumes vs a raw file, issue 7; "
+        "uses --reps), heal (replica-3 self-heal, mortar vs GlusterFS, issue 4), all (seed, thin, heal; "
+        "what `make bench` runs); results in bench/results/<scenario>[-quick].{json,md}",
+    )
     ap.add_argument(
         "--rows",
         type=lambda v: _list(v, DEFAULT_ROWS, "row"),
@@ -199,6 +214,27 @@ def run_foundation(args: argparse.Namespace) -> int:
     return 0
 
 
+def dispatch(args: argparse.Namespace) -> int:
+    """One scenario, or all three in turn (one failing does not stop the others)."""
+    scenarios = {
+        "seed": lambda: run_seed(args),
+        "foundation": lambda: run_foundation(args),
+        "thin": lambda: thin.main(RESULTS, args.quick, args.reps, args.keep),
+        "heal": lambda: heal.main(RESULTS, args.quick, args.keep),
+    }
+    if args.scenario != "all":
+        return scenarios[args.scenario]()
+    worst = 0
+    for name in ("seed", "thin", "heal"):
+        print(f"\n=== scenario {name} ===", flush=True)
+        try:
+            worst = max(worst, scenarios[name]())
+        except Exception:
+            logging.getLogger("bench").exception("scenario %s failed", name)
+            worst = max(worst, 1)
+    return worst
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(
@@ -208,10 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     logging.getLogger("bench").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     if os.geteuid() != 0:
-        print("bench: run as root (GlusterFS, FUSE mounts, dropping caches)", file=sys.stderr)
+        print("bench: run as root (GlusterFS, FUSE, dropping caches, network namespace)", file=sys.stderr)
         return 2
     try:
-        return run_seed(args) if args.scenario == "seed" else run_foundation(args)
+        return dispatch(args)
     except KeyboardInterrupt:
         print("bench: interrupted; everything it started was stopped", file=sys.stderr)
         return 130

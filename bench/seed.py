@@ -3,8 +3,10 @@ gfapi/QEMU access) and mortar (FUSE, NBD, native client, native with a hand-writ
 volumes of 1 brick and of replica 3 on this host, side by side.
 
 Everything is set up and torn down here: GlusterFS is installed if missing and runs from a private
-glusterd (bench/gluster.py); mortar's bricks are started from volgen's volfiles
-(bench/mortar_side.py). VM-image jobs (sequential, random, qemu-img convert) run on volumes with
+glusterd (bench/gluster.py); mortar's volumes come from a private mortard (bench/mortard.py) or
+bricks started from volgen's volfiles (bench/mortar_side.py). Both systems' servers and all their
+clients run in the run's own network namespace (bench/netns.py), bricks on its one address.
+VM-image jobs (sequential, random, qemu-img convert) run on volumes with
 `group virt` (GlusterFS) or its mortar equivalent; the small-file job runs on volumes with defaults.
 Each cell is the median of `reps` runs with min and max kept; runs of different rows interleave,
 so slow drift of the machine spreads over all rows instead of biasing one.
@@ -21,7 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import gluster, mortar_side, procs
+from bench import gluster, mortar_side, netns, procs
 from bench.common import Cell, bench_dir, drop_caches
 from bench.mortard import private_mortard
 from bench.targets import DirTarget, GfapiTarget, NativeTarget, NbdTarget, Target, Unsupported
@@ -106,10 +108,13 @@ def _seed_image(path: Path, size: int) -> None:
 class Run:
     """One benchmark run: the targets it built, and the cells it fills."""
 
-    def __init__(self, s: Settings, stack: contextlib.ExitStack, workdir: Path) -> None:
+    def __init__(
+        self, s: Settings, stack: contextlib.ExitStack, workdir: Path, host: str = "127.0.0.1"
+    ) -> None:
         self.s = s
         self.stack = stack
         self.workdir = workdir
+        self.host = host  # where bricks of both systems listen (the network namespace's address)
         self.targets: dict[str, list[Target]] = {}  # "virt" / "default" -> targets, in row order
         self.pending: dict[tuple[str, str], str] = {}  # (row key, shape) -> why there is no target
         self.cells: dict[tuple[str, str], Cell] = {}
@@ -137,7 +142,7 @@ class Run:
 
     def _build_gluster(self, kinds: list[str]) -> None:
         s, w = self.s, self.workdir
-        gd = self.stack.enter_context(gluster.private_glusterd(w / "gluster"))
+        gd = self.stack.enter_context(gluster.private_glusterd(w / "gluster", self.host))
         self.setup["glusterfs"] = gluster.version()
         self.setup["host"] = gd.host
         refused: dict[str, object] = {}
@@ -162,7 +167,7 @@ class Run:
 
     def _build_mortar(self, kinds: list[str]) -> None:
         s, w = self.s, self.workdir
-        host = gluster.host_address() if any(r.startswith("gluster") for r in s.rows) else "127.0.0.1"
+        host = self.host
         fuse_note = mortar_side.fuse_available()
         nbd_note = mortar_side.nbd_available() if "mortar-nbd" in s.rows else ""
         md = None
@@ -363,8 +368,14 @@ def _workdir(keep: bool) -> Iterator[Path]:
 def run(s: Settings) -> Outcome:
     procs.install_signal_handlers()
     started = time.monotonic()
+    if any(r.startswith("gluster") for r in s.rows):
+        gluster.ensure_installed()  # apt-get needs the host's network: before entering the namespace
     with _workdir(s.keep) as w, contextlib.ExitStack() as stack:
-        r = Run(s, stack, w)
+        net = None
+        if any(r != "base" for r in s.rows):  # the local disk needs no network
+            net = stack.enter_context(netns.bench_network(unmount_under=[w]))
+        r = Run(s, stack, w, net.addr if net else "127.0.0.1")
+        r.setup["netns"] = {"name": net.name, "address": net.addr} if net else None
         r.build()
         r.setup["settings"] = {k: str(v) for k, v in vars(s).items()}
         r.run_jobs()
