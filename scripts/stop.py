@@ -1,4 +1,4 @@
-"""`make stop`: stop what `make run` started: the node daemon, then the brick processes it ran.
+"""`make stop`: stop what `make run` started: the node daemon, then the bricks, NBD server and heal daemon.
 
 The daemon leaves bricks running when it stops (so clients keep their data path through a daemon
 restart); this script stops those too, found through the pid files under $MORTAR_HOME.
@@ -13,6 +13,11 @@ import time
 from pathlib import Path
 
 HOME = Path(os.environ.get("MORTAR_HOME", Path(__file__).resolve().parent.parent / ".mortar-home"))
+#: mortard's own servers, which outlive it as bricks do: pid file under state/run, command marker
+HELPERS = {
+    "NBD server": ("nbd.pid", b"mortar.mgmt.nbdd"),
+    "self-heal daemon": ("shd.pid", b"mortar.mgmt.shd"),
+}
 
 
 def _is(pid: int, marker: bytes) -> bool:
@@ -59,8 +64,10 @@ def stop_all(quiet: bool = False) -> str:
         stopped.append(f"mortard {daemon}")
     bricks = [_pid(f) for f in sorted((HOME / "state" / "run").glob("*.pid"))]
     bricks = [pid for pid in bricks if pid and _is(pid, b"mortar.mgmt.brick")]
-    _terminate(bricks)
-    stopped += [f"brick {pid}" for pid in bricks]
+    helpers = {what: _pid(HOME / "state" / "run" / f) for what, (f, _) in HELPERS.items()}
+    helpers = {what: pid for what, pid in helpers.items() if pid and _is(pid, HELPERS[what][1])}
+    _terminate(bricks + list(helpers.values()))
+    stopped += [f"brick {pid}" for pid in bricks] + [f"{what} {pid}" for what, pid in helpers.items()]
     if not quiet:
         print("stopped " + ", ".join(stopped) if stopped else f"nothing of {HOME} was running")
     return ", ".join(stopped)

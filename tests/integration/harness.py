@@ -89,7 +89,13 @@ class Mortard:
     """One node daemon under `base/name`, listening on `addr:port` (optionally in a netns)."""
 
     def __init__(
-        self, base: Path, name: str, addr: str = "127.0.0.1", port: int = 0, netns: str = ""
+        self,
+        base: Path,
+        name: str,
+        addr: str = "127.0.0.1",
+        port: int = 0,
+        netns: str = "",
+        nbd: bool = False,
     ) -> None:
         self.base = base
         self.name = name
@@ -100,6 +106,9 @@ class Mortard:
         self.logdir = base / name / "log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.extra: list[str] = []
+        #: the NBD server's TCP port (its socket is WORKDIR/run/nbd.sock); without `nbd` it is off, so
+        #: the many daemons of the suite neither run one each nor fight over port 10809
+        self.nbd_port = free_port(addr if not netns else "127.0.0.1") if nbd else 0
 
     @property
     def remote(self) -> str:
@@ -111,6 +120,7 @@ class Mortard:
             sys.executable, "-m", "mortar.mgmt.daemon", "--foreground",
             "--workdir", str(self.workdir), "--logdir", str(self.logdir),
             "--listen", self.addr, "--port", str(self.port), *self.extra,
+            *(["--nbd-port", str(self.nbd_port)] if self.nbd_port else ["--no-nbd"]),
         ]  # fmt: skip
         if self.netns:
             args = ["ip", "netns", "exec", self.netns, *args]

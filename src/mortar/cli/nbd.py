@@ -51,7 +51,10 @@ to serve it under another name). --default EXPORT is served to clients asking fo
 
 The server listens on the unix socket {DEFAULT_SOCKET} unless --socket says where; --port
 (default {DEFAULT_PORT}) or --host also listen on TCP (--host defaults to 127.0.0.1: NBD has no
-authentication, so expose it only to trusted networks). Logs go to stderr (--log-file to a file,
+authentication, so expose it only to trusted networks). mortard already runs an NBD server on each
+host that serves every started volume (port {DEFAULT_PORT}, socket {DEFAULT_SOCKET}; see the
+admin guide): this command is for a server of your own, on another socket and port (a path a live
+server listens on is refused). Logs go to stderr (--log-file to a file,
 --log-level to choose); SIGTERM or SIGINT stops the server after the requests in flight.
 """,
 )

@@ -213,12 +213,41 @@ def status_text(s: dict[str, Any], detail: bool) -> str:
         [f"Brick {b['name']}", str(b["port"] or "N/A"), "Y" if b["online"] else "N", str(b["pid"] or "N/A")]
         for b in s["bricks"]
     ]
+    nbd = [n for n in s.get("nbd", []) if n.get("enabled")]
+    cells += [
+        [
+            f"NBD Server on {n['host']}",
+            str(n["port"] or "N/A"),
+            "Y" if n["serving"] else "N",
+            str(n["pid"] or "N/A"),
+        ]
+        for n in nbd
+    ]
     header = ["mortar process", "TCP Port", "Online", "Pid"]
     text = f"Status of volume: {s['volume']}\n" + table(cells, header)
     errors = [f"Brick {b['name']}: {b['error']}" for b in s["bricks"] if b.get("error") and not b["online"]]
     if errors:
         text += "\n\nOffline bricks:\n" + "\n".join(errors)
+    down = [
+        f"NBD Server on {n['host']}: {n['error'] or 'not serving this volume yet'}"
+        for n in nbd
+        if not n["serving"]
+    ]
+    if down:
+        text += "\n\nNBD servers not serving it:\n" + "\n".join(down)
+    text += nbd_urls(s["volume"], nbd)
     return text + "\n\nTask Status of Volume " + s["volume"] + "\nThere are no active volume tasks"
+
+
+def nbd_urls(volume: str, nbd: list[dict[str, Any]]) -> str:
+    """How QEMU reaches the volume's images through the NBD servers that serve it."""
+    lines = []
+    for n in nbd:
+        if n["serving"] and n["port"]:
+            lines.append(f"  nbd://{n['host']}:{n['port']}/{volume}/PATH")
+        if n["serving"] and n["socket"]:
+            lines.append(f"  nbd+unix:///{volume}/PATH?socket={n['socket']}  (on {n['host']})")
+    return "\n\nNBD exports (PATH: an image file in the volume):\n" + "\n".join(lines) if lines else ""
 
 
 @command(

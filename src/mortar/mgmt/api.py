@@ -9,6 +9,8 @@ Routes under `/v1/internal/` are what daemons ask each other during probe, creat
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -152,8 +154,28 @@ async def internal_bricks(request: web.Request) -> web.Response:
 
 
 async def list_volumes(request: web.Request) -> web.Response:
+    """Every volume; with `wait=REVISION`, answers when the list differs from that revision or the
+    timeout passes (a long poll: this host's NBD server follows started volumes with it)."""
     node = _node(request)
-    return _ok({"volumes": [await _public(node, v) for v in await node.volumes.all()]})
+    wait = request.query.get("wait")
+    deadline = time.monotonic() + _timeout(request)
+    while True:
+        changed = node.change_event()
+        volumes = [await _public(node, v) for v in await node.volumes.all()]
+        revision = revision_of(json.dumps(volumes, sort_keys=True))
+        remaining = deadline - time.monotonic()
+        if wait is None or revision != wait or remaining <= 0 or node.closing:
+            return _ok({"volumes": volumes, "revision": revision})
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(remaining):
+                await changed.wait()
+
+
+def _timeout(request: web.Request) -> float:
+    try:
+        return min(float(request.query.get("timeout", "30")), MAX_WAIT)
+    except ValueError:
+        raise MgmtError("timeout must be a number of seconds") from None
 
 
 async def _public(node: Node, info: VolumeInfo) -> dict[str, Any]:
@@ -292,6 +314,10 @@ async def heal_split_brain(request: web.Request) -> web.Response:
     )
 
 
+async def internal_nbd(request: web.Request) -> web.Response:
+    return _ok({"nbd": _node(request).nbd.status()})
+
+
 async def internal_shd(request: web.Request) -> web.Response:
     return _ok(await _node(request).volumes.heal.local(request.match_info["op"], await _body(request)))
 
@@ -394,6 +420,10 @@ ROUTES: list[Route] = [
         "every volume with its bricks and options",
         "volumes",
         response="VolumeList",
+        query={
+            "wait": "answer only when the list's revision differs from this one (long poll)",
+            "timeout": "longest wait in seconds (default 30, at most 300); then the list as it is",
+        },
     ),
     Route(
         "POST",
@@ -442,7 +472,7 @@ ROUTES: list[Route] = [
         "GET",
         "/v1/volumes/{name}/status",
         volume_status,
-        "per brick: port, pid, online (volume status)",
+        "per brick, and per host's NBD server: port, pid, online (volume status)",
         "volumes",
         response="VolumeStatus",
         query={"detail": "add disk space, inodes, file system"},
@@ -606,6 +636,14 @@ ROUTES: list[Route] = [
         "internal",
         body="CheckBricks",
         response="CheckResult",
+    ),
+    Route(
+        "GET",
+        "/v1/internal/nbd",
+        internal_nbd,
+        "this host's NBD server: port, socket, pid, online, volumes served",
+        "internal",
+        response="LocalNbd",
     ),
     Route(
         "POST",

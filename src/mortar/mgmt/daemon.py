@@ -39,6 +39,8 @@ from mortar.mgmt.model import (
     brick_state_key,
     portmap_key,
 )
+from mortar.mgmt.nbd_service import DEFAULT_PORT as NBD_PORT
+from mortar.mgmt.nbd_service import NbdConfig, NbdService, default_socket
 from mortar.mgmt.pool import Pool
 from mortar.mgmt.rest import DEFAULT_PORT, PeerClient
 from mortar.mgmt.store import Store, StoreCompacted, StoreError
@@ -110,6 +112,9 @@ class Node:
         self.supervisor = Supervisor(self.workdir, self.logdir, self._publish_brick, self._brick_created)
         self.pool = Pool(self)
         self.volumes = Volumes(self)
+        #: this host's NBD server: every started volume's images as exports VOLUME/path
+        self.nbd = NbdService(self.workdir, self.logdir, self.local_api(), nbd_config(args, self.workdir))
+        self.supervisor.companions.append(self.nbd.detach)
         self._reconcile = asyncio.Event()
         self._changed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -120,6 +125,11 @@ class Node:
 
     def store(self) -> Store:
         return self.holder.store()
+
+    def local_api(self) -> str:
+        """HOST:PORT at which processes on this host reach this daemon's API."""
+        host = "127.0.0.1" if self.listen in ("0.0.0.0", "::", "") else self.listen
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 
     # ---- reacting to the store ---------------------------------------------------------------
 
@@ -215,6 +225,7 @@ class Node:
             loop = asyncio.get_running_loop()
             for coro in (self._watch(), self._reconcile_loop(), self.writer.run()):
                 self._tasks.append(loop.create_task(coro))
+            self.nbd.start()
             log.info(
                 "mortard %s (node %s, %s) listening on %s:%d", __version__, self.uuid,
                 ", ".join(self.hostnames), self.listen, self.port,
@@ -244,6 +255,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hostname", action="append", help="a name peers know this node by (repeatable)")
     p.add_argument("--etcd-client-port", type=int, default=0, help="etcd client port (default PORT+1)")
     p.add_argument("--etcd-peer-port", type=int, default=0, help="etcd peer port (default PORT+2)")
+    p.add_argument(
+        "--nbd-port", type=int, default=NBD_PORT,
+        help="TCP port of this host's NBD server (exports VOLUME/path of every started volume; %(default)s; "
+        "0: no TCP listener)",
+    )  # fmt: skip
+    p.add_argument("--nbd-listen", help="address of the NBD server's TCP listener (default: --listen's)")
+    p.add_argument(
+        "--nbd-socket",
+        help="unix socket of the NBD server (default /run/mortar/nbd.sock for the default workdir, else "
+        "WORKDIR/run/nbd.sock; 'none': no unix socket)",
+    )
+    p.add_argument("--no-nbd", action="store_true", help="run no NBD server on this host")
     p.add_argument("--log-file", help="daemon log (default LOGDIR/mortard.log; '-' for stderr)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument("--pid-file", help="write the daemon's pid here (default WORKDIR/mortard.pid)")
@@ -251,7 +274,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.port == 24007:
         p.error("port 24007 is GlusterFS's glusterd port; pick another")
+    if not 0 <= args.nbd_port < 65536:
+        p.error(f"--nbd-port {args.nbd_port}: not a port")
+    if args.nbd_socket and args.nbd_socket != "none" and len(os.fsencode(args.nbd_socket)) > 107:
+        p.error(f"--nbd-socket {args.nbd_socket}: too long for a unix socket address (108 bytes)")
     return args
+
+
+def nbd_config(args: argparse.Namespace, workdir: Path) -> NbdConfig:
+    """The NBD service's settings from the flags (an empty config when it is off)."""
+    if args.no_nbd:
+        return NbdConfig(port=0, socket="")
+    socket = args.nbd_socket or default_socket(workdir)
+    return NbdConfig(args.nbd_listen or args.listen, args.nbd_port, "" if socket == "none" else socket)
 
 
 def _daemonize() -> None:

@@ -67,7 +67,9 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         {"host": {"type": "string", "description": "HOST or HOST:PORT of the other daemon"}}, ["host"]
     ),
     "ProbeResult": _obj({"peer": _ref("PeerRecord"), "message": STR}),
-    "Brick": _obj({"index": INT, "name": STR, "host": STR, "path": STR, "peer": STR, "arbiter": BOOL}),
+    "Brick": _obj(
+        {"index": INT, "name": STR, "host": STR, "path": STR, "peer": STR, "arbiter": BOOL, "client": STR}
+    ),
     "Volume": _obj(
         {
             "name": STR,
@@ -89,7 +91,13 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         },
         ["name", "id", "type", "status", "bricks"],
     ),
-    "VolumeList": _obj({"volumes": _list(_ref("Volume"))}, ["volumes"]),
+    "VolumeList": _obj(
+        {
+            "volumes": _list(_ref("Volume")),
+            "revision": {**STR, "description": "give it as wait= to long-poll"},
+        },
+        ["volumes"],
+    ),
     "VolumeResult": _obj({"volume": _ref("Volume"), "message": STR}, ["volume"]),
     "StartResult": _obj({"volume": _ref("Volume"), "failed": STRS}, ["volume"]),
     "CreateVolume": _obj(
@@ -144,7 +152,35 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             ),
         }
     ),
-    "VolumeStatus": _obj({"volume": STR, "status": STR, "type": STR, "bricks": _list(_ref("BrickStatus"))}),
+    "VolumeStatus": _obj(
+        {
+            "volume": STR,
+            "status": STR,
+            "type": STR,
+            "bricks": _list(_ref("BrickStatus")),
+            "nbd": {
+                **_list(_ref("NbdStatus")),
+                "description": "each host's NBD server (exports VOLUME/path)",
+            },
+        }
+    ),
+    "NbdStatus": _obj(
+        {
+            "host": {**STR, "description": "the host's name in the pool (in a volume status)"},
+            "node": {**STR, "description": "the host's node uuid (in a volume status)"},
+            "listen": {**STR, "description": "the TCP listen address"},
+            "enabled": BOOL,
+            "port": {**INT, "description": "TCP port; 0 when it has no TCP listener"},
+            "socket": {**STR, "description": "unix socket path; empty when it has none"},
+            "pid": INT,
+            "online": BOOL,
+            "serving": {**BOOL, "description": "the volume's images are exports on this host now"},
+            "volumes": {**STRS, "description": "the volumes it serves"},
+            "restarts": INT,
+            "error": STR,
+        }
+    ),
+    "LocalNbd": _obj({"nbd": _ref("NbdStatus")}, ["nbd"]),
     "LocalBricks": _obj({"bricks": _list(_ref("BrickStatus"))}),
     "Option": _obj(
         {

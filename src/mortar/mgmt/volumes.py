@@ -134,7 +134,7 @@ class Volumes:
             socket = entry.socket if entry and entry.socket else ""
             if not socket and b.peer == self.node.uuid and info.transport == "unix":
                 socket = self.socket_path(info.name, b.path)
-            bricks.append(Brick(b.host, b.path, entry.port if entry else 0, socket))
+            bricks.append(Brick(b.host, b.path, entry.port if entry else 0, socket, b.id, b.group))
         desc = VolumeDescription(
             info.name,
             info.id,
@@ -165,10 +165,7 @@ class Volumes:
             raise MgmtError(f"volume {name} is not started", 409)
         ports = await self.ports(info)
         desc = self.description(info, ports)
-        drained = self.changes.decommissioned(await self.changes.tasks.get(name))
-        if drained:
-            dht = desc.xlator_options.setdefault("cluster/distribute", {})
-            dht["decommissioned-bricks"] = " ".join(drained)
+        desc.decommissioned = self.changes.decommissioned(await self.changes.tasks.get(name))
         for i, brick in enumerate(desc.bricks):
             if (info.transport == "tcp" and not brick.port) or (
                 info.transport == "unix" and not brick.socket_path
@@ -201,7 +198,7 @@ class Volumes:
             for i in mine:
                 b = info.bricks[i]
                 socket = self.socket_path(info.name, b.path) if info.transport == "unix" else ""
-                desc.bricks[i] = Brick(b.host, b.path, 0, socket)
+                desc.bricks[i] = Brick(b.host, b.path, 0, socket, b.id, b.group)
                 state_raw = items.get(brick_state_key(info.name, i))
                 created = state_raw is not None and BrickState.from_json(state_raw).initialized
                 runs.append(
@@ -582,7 +579,28 @@ class Volumes:
             if info.transport == "unix":
                 row["socket"] = entry.socket if entry else ""
             bricks.append(row)
-        return {"volume": name, "status": info.status, "type": info.type, "bricks": bricks}
+        nbd = await self._nbd_status(name, list(peers.values()))
+        return {"volume": name, "status": info.status, "type": info.type, "bricks": bricks, "nbd": nbd}
+
+    async def _nbd_status(self, name: str, peers: list[PeerInfo]) -> list[dict[str, Any]]:
+        """Each host's NBD server and whether it serves `name` now: every host of the pool serves
+        every started volume, as every GlusterFS host runs its Self-heal Daemon."""
+
+        async def one(peer: PeerInfo) -> dict[str, Any]:
+            if peer.uuid == self.node.uuid:
+                st = self.node.nbd.status()
+            else:
+                try:
+                    reply = await self.node.rpc.call(
+                        peer.hostname, peer.port, "GET", "/v1/internal/nbd", timeout=5
+                    )
+                    st = dict(reply["nbd"])
+                except (MgmtError, KeyError, TypeError) as exc:
+                    st = {"enabled": True, "port": 0, "socket": "", "pid": 0, "online": False, "volumes": [],
+                          "error": f"its node does not answer: {exc}"}  # fmt: skip
+            return {**st, "host": peer.hostname, "node": peer.uuid, "serving": name in st.get("volumes", [])}
+
+        return list(await asyncio.gather(*(one(p) for p in peers)))
 
 
 def check_paths(paths: list[str], force: bool) -> list[str]:

@@ -24,7 +24,7 @@ from mortar.client import AsyncVolume
 from mortar.core.log import setup_logging
 from mortar.frontends.nbd.backend import ExportProvider, FileExportProvider
 from mortar.frontends.nbd.server import NbdServer
-from mortar.frontends.nbd.volume import VolumeExportProvider, open_volume
+from mortar.frontends.nbd.volume import CACHE_MODES, DEFAULT_CACHE, VolumeExportProvider, open_volume
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--read-only", action="store_true", help="refuse writes on every export")
     ap.add_argument("--default", help="export served to clients that ask for the empty name")
     ap.add_argument("--max-inflight", type=int, default=64, help="requests in flight per connection")
+    ap.add_argument(
+        "--cache",
+        choices=sorted(CACHE_MODES),
+        default=DEFAULT_CACHE,
+        help="writeback (default): through the bricks' page caches; none: images are opened O_DIRECT, "
+        "so bricks with storage.o-direct on bypass their page caches, as QEMU's cache=none asks",
+    )
     ap.add_argument("--timeout", type=float, default=30, help="seconds to wait for a volume to come up")
     ap.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING... (default %(default)s)")
     ap.add_argument("--log-file", help="log here instead of stderr")
@@ -86,7 +93,7 @@ async def open_provider(args: argparse.Namespace, volumes: list[AsyncVolume]) ->
     """The exports to serve; volumes opened on the way are appended to `volumes` (to close)."""
     if args.dir is not None:
         return FileExportProvider(args.dir, default=args.default)
-    provider = VolumeExportProvider(default=args.default)
+    provider = VolumeExportProvider(default=args.default, cache=args.cache)
     for name, source in volume_sources(args):
         own_name, volume = await open_volume(source, timeout=args.timeout)
         volumes.append(volume)
@@ -95,25 +102,45 @@ async def open_provider(args: argparse.Namespace, volumes: list[AsyncVolume]) ->
     return provider
 
 
-async def serve(args: argparse.Namespace) -> None:
-    """Serve until SIGINT or SIGTERM; prints `listening ...` lines, then `ready`."""
+def stop_on_signals() -> asyncio.Event:
+    """An event SIGINT and SIGTERM set: the server then closes its connections after the requests in
+    flight instead of dying in the middle of a guest's write."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def listen(
+    server: NbdServer, socket: str | None, host: str, port: int | None, announce: bool = False
+) -> str:
+    """Listen on the unix `socket` (its directory created) and on TCP `port` (0: a free one) where
+    given; with `announce`, print a `listening unix:PATH` / `listening tcp:HOST:PORT` line for each as
+    it opens (what a parent process waits for). Returns the TCP address as HOST:PORT, "" without."""
+    tcp = ""
+    if socket:
+        os.makedirs(os.path.dirname(os.path.abspath(socket)), exist_ok=True)
+        await server.listen_unix(socket)
+        if announce:
+            print(f"listening unix:{socket}", flush=True)
+    if port is not None:
+        tcp = f"{host}:{await server.listen_tcp(host, port)}"
+        if announce:
+            print(f"listening tcp:{tcp}", flush=True)
+    return tcp
+
+
+async def serve(args: argparse.Namespace) -> None:
+    """Serve until SIGINT or SIGTERM; prints `listening ...` lines, then `ready`."""
+    stop = stop_on_signals()
     volumes: list[AsyncVolume] = []
     provider: ExportProvider | None = None
     server: NbdServer | None = None
     try:
         provider = await open_provider(args, volumes)
         server = NbdServer(provider, read_only=args.read_only, max_inflight=args.max_inflight)
-        if args.socket:
-            os.makedirs(os.path.dirname(os.path.abspath(args.socket)), exist_ok=True)
-            await server.listen_unix(args.socket)
-            print(f"listening unix:{args.socket}", flush=True)
-        if args.port is not None:
-            port = await server.listen_tcp(args.host, args.port)
-            print(f"listening tcp:{args.host}:{port}", flush=True)
+        await listen(server, args.socket, args.host, args.port, announce=True)
         print("ready", flush=True)
         await stop.wait()
     finally:

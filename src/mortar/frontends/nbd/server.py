@@ -18,7 +18,7 @@ import itertools
 import logging
 import os
 import socket
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, cast
 
 from mortar.core.errors import FopError
@@ -73,7 +73,23 @@ class NbdServer:
         self._ids = itertools.count(1)
 
     async def listen_unix(self, path: str) -> None:
-        """Listen on a unix socket at `path` (replacing a stale socket file)."""
+        """Listen on a unix socket at `path`, replacing a stale socket file but never one a live
+        server listens on (mortard's NBD server and `mortar nbd serve` share a default path)."""
+        if os.path.exists(path):
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            probe.setblocking(False)
+            try:
+                probe.connect(path)
+            except BlockingIOError:  # a listener with a full backlog: alive
+                in_use = True
+            except OSError:  # nobody there: stale
+                in_use = False
+            else:
+                in_use = True
+            finally:
+                probe.close()
+            if in_use:
+                raise OSError(errno.EADDRINUSE, f"another server listens on {path}: give another socket path")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         loop = asyncio.get_running_loop()
@@ -106,6 +122,22 @@ class NbdServer:
         for conn in list(self._connections):
             conn.close()
         await asyncio.gather(*finished, *self._finishing, return_exceptions=True)
+
+    async def disconnect(self, match: Callable[[ExportBackend], bool], timeout: float = 15.0) -> int:
+        """Close the connections whose export `match` accepts (its volume is going away) and wait,
+        at most `timeout`, for their requests in flight; returns how many were closed. The client
+        sees a disconnect (an I/O error in QEMU), not requests that never complete."""
+        chosen = [c for c in self._connections if c.backend is not None and match(c.backend)]
+        for conn in chosen:
+            conn.close()
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.gather(*(c.finished for c in chosen), return_exceptions=True)
+        except TimeoutError:
+            for conn in chosen:  # a client that does not read its replies cannot hold us
+                if conn._transport is not None:
+                    conn._transport.abort()
+        return len(chosen)
 
     @property
     def connection_count(self) -> int:
