@@ -10,13 +10,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from mortar.client import AsyncVolume, Volume
-from mortar.xlators.cluster.afr.heal import heal_index
+from mortar.client import Volume
+from tests.integration.afr import heal_until_clean
 from tests.integration.brickproc import TestVolume
 
 pytestmark = pytest.mark.integration
@@ -33,24 +32,6 @@ with Volume.from_volfile(sys.argv[1]) as vol:
         if i == 20:
             print("creating", flush=True)
 """
-
-
-@pytest.fixture
-def replica3(tmp_path: Path) -> Iterator[TestVolume]:
-    tv = TestVolume(tmp_path, bricks=3, replica=3, **{"ping-timeout": "2"})
-    try:
-        yield tv
-    finally:
-        tv.stop()
-
-
-def _heal_until_clean(vol: Volume, timeout: float = 60) -> None:
-    avol: AsyncVolume = vol.avolume
-    afr = avol.graph.xlators["itest-replicate-0"]
-    deadline = time.monotonic() + timeout
-    while (vol._loop.run(heal_index(afr))).scanned:  # type: ignore[arg-type]
-        assert time.monotonic() < deadline, "heal did not converge"
-        time.sleep(0.2)
 
 
 def _listings(tv: TestVolume, rel: str) -> list[set[str]]:
@@ -74,7 +55,7 @@ def test_client_killed_holding_a_directory_batch(replica3: TestVolume) -> None:
                 vol.close(vol.create(f"/d/after{i}"))
             assert time.monotonic() - start < 30
             time.sleep(1.5)  # this client's own batch ends (post-op-delay idle)
-            _heal_until_clean(vol)
+            heal_until_clean(vol)
             names = vol.listdir("/d")
         lists = _listings(replica3, "d")
         assert lists[0] == lists[1] == lists[2] == set(names)
@@ -103,7 +84,7 @@ def test_brick_killed_during_a_create_loop(replica3: TestVolume) -> None:
             assert time.monotonic() < deadline, "brick 2 did not come back"
             time.sleep(0.1)
         time.sleep(1.5)
-        _heal_until_clean(vol)
+        heal_until_clean(vol)
         names = set(vol.listdir("/d"))
     assert names == {f"f{i}" for i in range(30)} - {f"f{j}" for j in range(0, 10, 2)}
     lists = _listings(replica3, "d")

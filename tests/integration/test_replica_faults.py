@@ -10,39 +10,16 @@ from __future__ import annotations
 import errno
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from mortar.client import AsyncVolume, Volume
-from mortar.xlators.cluster.afr.heal import heal_index
+from mortar.client import Volume
+from tests.integration.afr import heal_until_clean
 from tests.integration.brickproc import TestVolume
 
 MIB = 1 << 20
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def replica3(tmp_path: Path) -> Iterator[TestVolume]:
-    tv = TestVolume(tmp_path, bricks=3, replica=3, **{"ping-timeout": "2"})
-    try:
-        yield tv
-    finally:
-        tv.stop()
-
-
-def _heal_until_clean(vol: Volume, timeout: float = 60) -> None:
-    """Run the index heal from this client until no brick lists anything (the heal daemon's job)."""
-    avol: AsyncVolume = vol.avolume
-    afr = avol.graph.xlators["itest-replicate-0"]
-    deadline = time.monotonic() + timeout
-    while True:
-        stats = vol._loop.run(heal_index(afr))  # type: ignore[arg-type]
-        if stats.scanned == 0:
-            return
-        assert time.monotonic() < deadline, f"heal did not converge: {stats}"
-        time.sleep(0.2)
 
 
 def _wait_up(vol: Volume, path: str, timeout: float = 20) -> None:
@@ -94,7 +71,7 @@ def test_namespace_changes_while_a_brick_is_down_are_healed(replica3: TestVolume
         replica3.bricks[0].start()
         _wait_up(vol, "/a")
         time.sleep(0.5)
-        _heal_until_clean(vol)
+        heal_until_clean(vol)
     trees = []
     for b in replica3.desc.bricks:
         root = Path(b.path)
