@@ -8,12 +8,13 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from mortar.mgmt.hostdaemon import HostDaemon, proc_cmdline
+from tests.waiting import until
 
 MODULE = "mortar_test_hostdaemon_child"
 CHILD = "import sys, time\ntime.sleep(60)  # bounded: a leaked child goes away on its own\n"
@@ -40,15 +41,6 @@ class Sleeper(HostDaemon):
 
     def before_start(self) -> None:
         self.cleaned += 1
-
-
-async def until(check: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
-    try:
-        async with asyncio.timeout(timeout):
-            while not check():
-                await asyncio.sleep(0.02)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
 
 
 @contextlib.asynccontextmanager

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -17,6 +16,7 @@ from mortar.core.context import CallContext
 from mortar.core.errors import FopError
 from mortar.core.fops import Fd
 from mortar.core.gfid import Gfid
+from tests.waiting import until
 
 from .conftest import Client, Cluster, MakeCluster, add_client, create, open_file
 
@@ -30,16 +30,6 @@ def inodelks(cl: Cluster, gfid: Gfid, brick: int) -> dict[str, Any]:
     dump = cl.bricks[brick].locks.dump(gfid)
     queue: dict[str, Any] = dump["inodelk"].get(cl.afr.domain, {"granted": [], "blocked": []})
     return queue
-
-
-async def until(cond: Callable[[], object], what: str) -> None:
-    """Wait (bounded) for a condition the code under test reaches on its own."""
-    try:
-        async with asyncio.timeout(BOUND):
-            while not cond():
-                await asyncio.sleep(0.005)
-    except TimeoutError:
-        raise AssertionError(f"not reached in {BOUND}s: {what}") from None
 
 
 async def hold_file_lock(cl: Cluster, gfid: Gfid) -> tuple[Client, CallContext]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -19,19 +18,11 @@ from mortar.xlators.cluster.afr.changelog import DIRTY_KEY
 from mortar.xlators.cluster.afr.heal import heal_index
 from mortar.xlators.debug.error_gen import ErrorGenTranslator
 from mortar.xlators.performance.nl_cache import NlCacheTranslator
+from tests.waiting import until
 
 from .conftest import Client, Cluster, MakeCluster, add_client, entry, mkdir, tree, write_file
 
 BOUND = 20.0
-
-
-async def until(cond: Callable[[], object], what: str) -> None:
-    try:
-        async with asyncio.timeout(BOUND):
-            while not cond():
-                await asyncio.sleep(0.005)
-    except TimeoutError:
-        raise AssertionError(f"not reached in {BOUND}s: {what}") from None
 
 
 def entrylks(cl: Cluster, gfid: Gfid, brick: int) -> dict[str, Any]:
