@@ -437,15 +437,32 @@ class ReplicateBase(Translator):
         who: CallContext,
         blocking: bool = True,
     ) -> list[int]:
-        """Take a write lock on each child in ascending order (so clients never deadlock); children
-        that cannot be reached are left out. EAGAIN (non-blocking) undoes what was taken."""
-        taken: list[int] = []
+        """Take a write lock on each child; children that cannot be reached are left out. EAGAIN
+        (non-blocking) undoes what was taken. As GlusterFS does, all children are first tried at
+        once without blocking (one round trip when nobody else holds the lock); only when some
+        child is busy is everything given back and taken again one child after another in
+        ascending order, blocking, so that two clients never deadlock."""
+        order = sorted(set(indices))
         loc = gfid_loc(gfid)
-        cmd = LockCmd.SETLKW if blocking else LockCmd.SETLK
+        flock = Flock(LockType.WRLCK, start, length)
         with acting_as(who):
-            for i in sorted(set(indices)):
+            taken, errors = await self._inodelk_at_once(order, domain, loc, flock)
+        busy = [e for e in errors.values() if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK)]
+        hard = [
+            e for e in errors.values() if e not in busy and e.errno not in TRANSPORT_ERRNOS | MISSING_ERRNOS
+        ]
+        if not busy and not hard:
+            return taken
+        await self.inodelk_release(taken, domain, gfid, start, length, who)
+        if hard:
+            raise hard[0]
+        if not blocking:
+            raise busy[0]
+        taken = []
+        with acting_as(who):
+            for i in order:
                 try:
-                    await self.children[i].inodelk(domain, loc, cmd, Flock(LockType.WRLCK, start, length))
+                    await self.children[i].inodelk(domain, loc, LockCmd.SETLKW, flock)
                 except FopError as exc:
                     if exc.errno in TRANSPORT_ERRNOS or exc.errno in MISSING_ERRNOS:
                         continue
@@ -458,6 +475,44 @@ class ReplicateBase(Translator):
                     raise
                 taken.append(i)
         return taken
+
+    async def _inodelk_at_once(
+        self, order: list[int], domain: str, loc: Loc, flock: Flock
+    ) -> tuple[list[int], dict[int, FopError]]:
+        """Try the lock on every child at once without blocking: (children that granted it, errors)."""
+        tasks = {
+            i: asyncio.ensure_future(self.children[i].inodelk(domain, loc, LockCmd.SETLK, flock))
+            for i in order
+        }
+        try:
+            await asyncio.wait(tasks.values())
+        except asyncio.CancelledError:
+            # non-blocking requests answer at once: let them, then give back what they took
+            await asyncio.shield(self._give_back_attempt(tasks, domain, loc, flock))
+            raise
+        return self._attempt_outcome(tasks)
+
+    @staticmethod
+    def _attempt_outcome(tasks: Mapping[int, asyncio.Future[Any]]) -> tuple[list[int], dict[int, FopError]]:
+        taken: list[int] = []
+        errors: dict[int, FopError] = {}
+        for i, t in tasks.items():
+            exc = t.exception() if not t.cancelled() else FopError(errno.EINTR, "lock attempt cancelled")
+            if exc is None:
+                taken.append(i)
+            elif isinstance(exc, FopError):
+                errors[i] = exc
+            else:
+                raise exc
+        return taken, errors
+
+    async def _give_back_attempt(
+        self, tasks: Mapping[int, asyncio.Future[Any]], domain: str, loc: Loc, flock: Flock
+    ) -> None:
+        await asyncio.wait(tasks.values())
+        taken = [i for i, t in tasks.items() if not t.cancelled() and t.exception() is None]
+        unlock = Flock(LockType.UNLCK, flock.start, flock.length)
+        await gather_map({i: self.children[i].inodelk(domain, loc, LockCmd.SETLK, unlock) for i in taken})
 
     async def inodelk_release(
         self, indices: Iterable[int], domain: str, gfid: Gfid, start: int, length: int, who: CallContext
