@@ -30,7 +30,7 @@ test: setup
 	$(PY) -m pytest -q
 
 # every scenario in one go: the seed's full table, mortar beside GlusterFS 10 and the local disk
-# (~36 min on 2 cores), then thin (issue 7) and heal (issue 4); BENCH_SCENARIO=seed (or thin, heal,
+# (~31 min on 2 cores), then thin (issue 7) and heal (issue 4); BENCH_SCENARIO=seed (or thin, heal,
 # foundation) runs one; `make bench BENCH_ARGS=--quick` checks everything end to end in a few
 # minutes (see bench/README.md)
 BENCH_SCENARIO ?= all

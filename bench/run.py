@@ -1,6 +1,6 @@
 """`make bench`: mortar beside its anchors (the local disk, GlusterFS 10) in one run, with ratios.
 
-    bench/run.py                      the seed's full table (about 36 minutes on 2 cores)
+    bench/run.py                      the seed's full table (about 31 minutes on 2 cores)
     bench/run.py --quick              the same, tiny sizes, one run per cell, one brick (~2 minutes)
     bench/run.py --rows base,gluster-native,mortar-native --shapes 1 --jobs seqread,seqwrite
     bench/run.py --profile ...        mortar's processes under py-spy; profiles and their top
