@@ -114,8 +114,12 @@ async def test_changed_settings_replace_the_adopted_process(workdir: Path) -> No
     await first.detach()
 
     async with kept(Sleeper(workdir, "b")) as second:
-        await until(lambda: second.is_running() and second.pid != old, "the replacement")
-        assert not second.is_ours(old) and second.runs_current_args(second.pid)
+        # a process just forked shows its parent's command line until its exec is done
+        await until(
+            lambda: second.is_running() and second.pid != old and second.runs_current_args(second.pid),
+            "the replacement, running the new settings",
+        )
+        assert not second.is_ours(old)
         assert not second.runs_current_args(old)
 
 
