@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import statistics
@@ -11,7 +12,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -132,3 +133,12 @@ def markdown_table(cells: list[Cell], base_row: str) -> str:
             parts.append(text)
         out.append(f"| {row} | " + " | ".join(parts) + " |")
     return "\n".join(out)
+
+
+def save_results(results: Path, name: str, md: str, doc: Mapping[str, object]) -> None:
+    """Write a scenario's table (`NAME.md`) and raw figures (`NAME.json`) and print the table."""
+    results.mkdir(exist_ok=True)
+    (results / f"{name}.md").write_text(md + "\n")
+    (results / f"{name}.json").write_text(json.dumps(doc, indent=1, default=str))
+    print(md)
+    print(f"\nresults: {results / name}.json, .md")

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import fio, gluster, netns, procs
-from bench.common import bench_dir
+from bench.common import bench_dir, save_results
 from bench.gluster import Glusterd
 from bench.mortard import Mortard, private_mortard
 from mortar.client import Volume
@@ -449,8 +449,6 @@ def main(results: Path, quick: bool = False, keep: bool = False) -> int:
     )
     md = markdown(outcome, header)
     name = "heal-quick" if quick else "heal"
-    results.mkdir(exist_ok=True)
-    (results / f"{name}.md").write_text(md + "\n")
     doc = {
         "scenario": "heal",
         "when": stamp,
@@ -459,7 +457,5 @@ def main(results: Path, quick: bool = False, keep: bool = False) -> int:
         "load_avg": load,
         "runs": [{**dataclasses.asdict(r), "rate_mib_s": r.rate} for r in outcome.runs],
     }
-    (results / f"{name}.json").write_text(json.dumps(doc, indent=1, default=str))
-    print(md)
-    print(f"\nresults: {results / name}.json, .md")
+    save_results(results, name, md, doc)
     return 0  # a heal that did not finish is a figure too (the table says so); the bench reports

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import random
@@ -39,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import fio, mortar_side, netns
-from bench.common import Cell, bench_dir, drop_caches
+from bench.common import Cell, bench_dir, drop_caches, save_results
 from bench.mortard import Mortard, private_mortard
 from mortar.client import Volume
 from mortar.thinpool import bdpool
@@ -540,8 +539,6 @@ def main(results: Path, quick: bool = False, reps: int | None = None, keep: bool
     )
     md = markdown(outcome, s, header)
     name = "thin-quick" if quick else "thin"
-    results.mkdir(exist_ok=True)
-    (results / f"{name}.md").write_text(md + "\n")
     doc = {
         "scenario": "thin",
         "when": stamp,
@@ -551,7 +548,5 @@ def main(results: Path, quick: bool = False, reps: int | None = None, keep: bool
         "targets": [{"target": w, "figure": f, "met": ok} for w, f, ok in targets(outcome, s)],
         "cells": [c.as_dict() for c in outcome.cells],
     }
-    (results / f"{name}.json").write_text(json.dumps(doc, indent=1, default=str))
-    print(md)
-    print(f"\nresults: {results / name}.json, .md")
+    save_results(results, name, md, doc)
     return 0

@@ -164,28 +164,23 @@ class MdCacheTranslator(Translator):
         )
 
     async def stat(self, loc: Loc, xdata: Xdata = None) -> AttrReply:
-        if self._plain(xdata):
-            iatt = self._get(self._gfid_of(loc))
-            if iatt is not None:
-                self.hits += 1
-                return AttrReply(iatt)
-        self.misses += 1
-        since = self._seq
-        return await self._tracked(
-            since, self.children[0].stat(loc, xdata), lambda r: self._put(r.iatt, since)
-        )
+        return await self._attrs(self._gfid_of(loc), xdata, lambda: self.children[0].stat(loc, xdata))
 
     async def fstat(self, fd: Fd, xdata: Xdata = None) -> AttrReply:
+        return await self._attrs(fd.gfid, xdata, lambda: self.children[0].fstat(fd, xdata))
+
+    async def _attrs(
+        self, gfid: Gfid | None, xdata: Xdata, ask: Callable[[], Awaitable[AttrReply]]
+    ) -> AttrReply:
+        """The cached attributes of `gfid`, else the child's answer (`ask`), kept if no change raced it."""
         if self._plain(xdata):
-            iatt = self._get(fd.gfid)
+            iatt = self._get(gfid)
             if iatt is not None:
                 self.hits += 1
                 return AttrReply(iatt)
         self.misses += 1
         since = self._seq
-        return await self._tracked(
-            since, self.children[0].fstat(fd, xdata), lambda r: self._put(r.iatt, since)
-        )
+        return await self._tracked(since, ask(), lambda r: self._put(r.iatt, since))
 
     async def readdirp(self, fd: Fd, size: int, offset: int, xdata: Xdata = None) -> DirReply:
         since = self._seq
