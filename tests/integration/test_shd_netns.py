@@ -43,7 +43,8 @@ def _clean(node: Mortard, volume: str) -> bool:
 
 @pytest.mark.xfail(
     strict=False,
-    reason="now and then under load (once in a full-suite run, once in ~20 loaded runs) the writer is still inside a call "
+    reason="now and then under load (once in a full-suite run, once in ~20 loaded runs) the writer "
+    "is still inside a call "
     "60 s after the cut; not reproduced alone; open issue (the failure message carries the client's "
     "task stacks)",
 )
